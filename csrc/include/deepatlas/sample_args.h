@@ -1,0 +1,42 @@
+// Plain description of one sampler call, shared by the torch glue (g++) and the CUDA kernels (nvcc) so that the
+// .cu files never include a torch header. Sizes and strides are in elements.
+#pragma once
+
+#include <cstdint>
+
+namespace deepatlas {
+
+enum class DType : int { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3 };
+enum class Interp : int { Bilinear = 0, Nearest = 1 };
+enum class Padding : int { Zeros = 0, Border = 1, Reflection = 2 };
+
+// Where the sampling coordinates come from.
+//   Grid:         grid [N, D', H', W', 3], last axis (x, y, z) = (W, H, D), normalised to [-1, 1] (grid_sample).
+//   Displacement: ddf  [N, 3, D, H, W], channel i along spatial axis i (D, H, W), in voxels: out[p] = in[p + u(p)].
+enum class CoordKind : int { Grid = 0, Displacement = 1 };
+
+struct TensorArg {
+  void* data = nullptr;  // null: not requested (backward outputs only)
+  DType dtype = DType::Float32;
+  int64_t size[5] = {0, 0, 0, 0, 0};
+  int64_t stride[5] = {0, 0, 0, 0, 0};
+};
+
+struct SampleArgs {
+  TensorArg input;        // [N or 1, C, D, H, W]
+  TensorArg coords;       // grid or ddf, see CoordKind
+  TensorArg output;       // forward: the result [N, C, D', H', W']; backward: grad_output, same shape
+  TensorArg grad_input;   // backward: accumulation buffer shaped like input (float32 for half/bfloat16 input)
+  TensorArg grad_coords;  // backward: shaped like coords, contiguous, every element written
+  CoordKind kind = CoordKind::Grid;
+  Interp interp = Interp::Bilinear;
+  Padding padding = Padding::Zeros;
+  bool align_corners = false;
+  bool index64 = false;   // true when some offset does not fit in int32
+  int64_t batch = 0;      // N of coords and output
+  int64_t out_size[3] = {0, 0, 0};  // D', H', W'
+
+  int64_t num_points() const { return batch * out_size[0] * out_size[1] * out_size[2]; }
+};
+
+}  // namespace deepatlas

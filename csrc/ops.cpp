@@ -1,0 +1,20 @@
+// The one schema block of the deepatlas operator library. Backends (cpu/, cuda/) only add implementations;
+// Python (deepatlas_cuda/ops.py) adds fake kernels and autograd.
+//
+// Integer codes: interpolation 0 = bilinear (trilinear in 3-D), 1 = nearest;
+//                padding 0 = zeros, 1 = border, 2 = reflection.
+#include <torch/library.h>
+
+TORCH_LIBRARY(deepatlas, m) {
+  // input [N, C, D, H, W], grid [N, D', H', W', 3] -> [N, C, D', H', W'] (torch.nn.functional.grid_sample).
+  m.def("grid_sample_3d(Tensor input, Tensor grid, int interpolation, int padding, bool align_corners) -> Tensor");
+  // -> (grad_input or an empty tensor, grad_grid or an empty tensor), per output_mask.
+  m.def(
+      "grid_sample_3d_backward(Tensor grad_output, Tensor input, Tensor grid, int interpolation, int padding, "
+      "bool align_corners, bool[2] output_mask) -> (Tensor, Tensor)");
+  // image [N or 1, C, D, H, W], ddf [N, 3, D, H, W] in voxels -> [N, C, D, H, W], out[x] = image[x + ddf[x]].
+  m.def("warp(Tensor image, Tensor ddf, int interpolation, int padding) -> Tensor");
+  m.def(
+      "warp_backward(Tensor grad_output, Tensor image, Tensor ddf, int interpolation, int padding, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,34 @@
+"""deepatlas_cuda: CUDA and CPU kernels for 3-D image registration, as PyTorch autograd ops.
+
+    import deepatlas_cuda as da
+    out = da.grid_sample(volume, grid)        # drop-in for torch.nn.functional.grid_sample
+    moved = da.warp(image, ddf)               # out[x] = image[x + ddf[x]], ddf in voxels, no grid built
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._loader import STATE as _STATE
+from .ops import grid_sample, warp
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "build_info", "grid_sample", "warp"]
+
+
+def build_info() -> dict:
+    """How this installation was built and loaded."""
+    return {
+        "version": __version__,
+        "torch_version": torch.__version__,
+        "cpu_kernels": True,
+        "cuda_kernels": _STATE.cuda_loaded,
+        "cuda_version": _STATE.config.get("cuda_version"),
+        "cuda_arch_list": _STATE.config.get("cuda_arch_list", []),
+        "debug": _STATE.config.get("debug", False),
+        "loaded_from": _STATE.loaded_from,
+        "libraries": list(_STATE.libraries),
+        "openmp_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }

@@ -1,0 +1,206 @@
+"""How the native libraries are built: one function, used by setup.py (ahead of time) and by the JIT fallback.
+
+Environment switches:
+  DEEPATLAS_CUDA=0|1      force the CUDA library off / on (default: on when nvcc and a CUDA build of torch exist)
+  TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0" (default: Volta..Hopper and newer, clamped to what nvcc supports)
+  MAX_JOBS                parallel compile jobs (default: from cores and available memory)
+  DEEPATLAS_DEBUG=1       -O0 -g host code, -G device code, assertions on
+  CUDA_HOME               toolkit root (default: found from nvcc, following wrapper scripts)
+
+This file must not import the package (setup.py loads it by path) and imports torch lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+# Volta, Turing, Ampere, Ada, Hopper, Blackwell: the default targets, kept where the installed nvcc supports them.
+DEFAULT_ARCHS = ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+
+CPU_SOURCES = ("ops.cpp", "cpu/sample_cpu.cpp")
+CUDA_SOURCES = ("cuda/sample_kernels.cu", "cuda/sample_cuda.cpp")
+
+NVCC_JOB_GB = 2.5  # peak resident memory of one nvcc job on these kernels, rounded up
+
+
+@dataclasses.dataclass
+class BuildParams:
+    csrc: Path
+    with_cuda: bool
+    cuda_reason: str
+    cuda_home: str | None
+    cuda_version: str | None
+    arch_list: list[str]
+    debug: bool
+    max_jobs: int
+    cxx_flags: list[str]
+    nvcc_flags: list[str]
+    ld_flags: list[str]
+
+    @property
+    def include_dirs(self) -> list[str]:
+        return [str(self.csrc / "include"), str(self.csrc)]
+
+    @property
+    def cpu_sources(self) -> list[str]:
+        return [str(self.csrc / s) for s in CPU_SOURCES]
+
+    @property
+    def cuda_sources(self) -> list[str]:
+        return [str(self.csrc / s) for s in CUDA_SOURCES]
+
+    def source_hash(self) -> str:
+        """Hash of every source and header plus the flags: the JIT cache key's content part."""
+        digest = hashlib.sha256()
+        for path in sorted(p for p in self.csrc.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(self.csrc)).encode())
+            digest.update(path.read_bytes())
+        flags = [self.cxx_flags, self.nvcc_flags, self.ld_flags, self.arch_list, self.with_cuda, self.debug]
+        digest.update(json.dumps(flags).encode())
+        return digest.hexdigest()[:16]
+
+    def config(self) -> dict:
+        """What build_info() reports about this build; written next to prebuilt libraries."""
+        import torch
+
+        return {
+            "torch_version": torch.__version__,
+            "with_cuda": self.with_cuda,
+            "cuda_version": self.cuda_version,
+            "cuda_arch_list": self.arch_list,
+            "debug": self.debug,
+            "source_hash": self.source_hash(),
+        }
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root. Honours CUDA_HOME / CUDA_PATH; otherwise asks nvcc where it really lives (nvcc on
+    PATH may be a wrapper script, in which case torch's own guess, dirname(dirname(which nvcc)), is wrong)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and (Path(root) / "bin" / "nvcc").exists():
+            return root
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        default = Path("/usr/local/cuda")
+        return str(default) if (default / "bin" / "nvcc").exists() else None
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        match = re.search(r"_HERE_=(\S+)", dry.stdout + dry.stderr)
+        if match:
+            return str(Path(match.group(1)).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return str(Path(nvcc).resolve().parent.parent)
+
+
+def _nvcc(cuda_home: str) -> str:
+    return str(Path(cuda_home) / "bin" / "nvcc")
+
+
+def nvcc_version(cuda_home: str) -> str | None:
+    try:
+        out = subprocess.run([_nvcc(cuda_home), "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+def nvcc_archs(cuda_home: str) -> list[str]:
+    """Compute capabilities nvcc can target, as "8.0"-style strings."""
+    try:
+        out = subprocess.run([_nvcc(cuda_home), "--list-gpu-arch"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    archs = []
+    for digits in re.findall(r"compute_(\d+)", out):
+        archs.append(f"{digits[:-1]}.{digits[-1]}")
+    return archs
+
+
+def resolve_arch_list(cuda_home: str) -> list[str]:
+    """TORCH_CUDA_ARCH_LIST when set; else DEFAULT_ARCHS clamped to nvcc's list, PTX for the newest."""
+    requested = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if requested:
+        return [a for a in re.split(r"[;\s,]+", requested.strip()) if a]
+    supported = set(nvcc_archs(cuda_home))
+    archs = [a for a in DEFAULT_ARCHS if a in supported] or sorted(supported, key=float)[-1:]
+    if archs:
+        archs[-1] += "+PTX"
+    return archs
+
+
+def decide_cuda(cuda_home: str | None) -> tuple[bool, str]:
+    """Whether to build the CUDA library, from the toolkit and torch.version.cuda (never from a visible GPU)."""
+    import torch
+
+    flag = os.environ.get("DEEPATLAS_CUDA", "").strip()
+    if flag == "0":
+        return False, "DEEPATLAS_CUDA=0"
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is a CPU-only build")
+    if cuda_home is None:
+        missing.append("no CUDA toolkit (nvcc) found; set CUDA_HOME")
+    if flag == "1" and missing:
+        raise RuntimeError("DEEPATLAS_CUDA=1 but the CUDA library cannot be built: " + "; ".join(missing))
+    if missing:
+        return False, "; ".join(missing)
+    return True, f"nvcc in {cuda_home}, torch CUDA {torch.version.cuda}"
+
+
+def default_max_jobs() -> int:
+    cores = os.cpu_count() or 1
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        available_kb = int(re.search(r"MemAvailable:\s+(\d+)", meminfo).group(1))
+        by_memory = int(available_kb / (NVCC_JOB_GB * 1024 * 1024))
+    except (OSError, AttributeError):
+        by_memory = cores
+    return max(1, min(cores, by_memory))
+
+
+def build_params(csrc: Path | None = None) -> BuildParams:
+    csrc = Path(csrc) if csrc is not None else Path(__file__).resolve().parent.parent / "csrc"
+    debug = os.environ.get("DEEPATLAS_DEBUG", "0") == "1"
+    cuda_home = find_cuda_home()
+    with_cuda, reason = decide_cuda(cuda_home)
+    archs = resolve_arch_list(cuda_home) if with_cuda else []
+    opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    cxx = ["-fopenmp", *opt]
+    nvcc = ["-G", "-g"] if debug else ["-O3", "-DNDEBUG", "-lineinfo"]
+    return BuildParams(
+        csrc=csrc,
+        with_cuda=with_cuda,
+        cuda_reason=reason,
+        cuda_home=cuda_home if with_cuda else None,
+        cuda_version=nvcc_version(cuda_home) if with_cuda else None,
+        arch_list=archs,
+        debug=debug,
+        max_jobs=int(os.environ.get("MAX_JOBS") or default_max_jobs()),
+        cxx_flags=cxx,
+        nvcc_flags=nvcc,
+        ld_flags=["-fopenmp"],
+    )
+
+
+def configure_torch_env(params: BuildParams) -> None:
+    """Point torch.utils.cpp_extension at the right toolkit, arch list and job count (before or after import)."""
+    os.environ.setdefault("MAX_JOBS", str(params.max_jobs))
+    if not params.with_cuda:
+        return
+    os.environ["CUDA_HOME"] = params.cuda_home
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(params.arch_list)
+    import torch.utils.cpp_extension as cpp_extension
+
+    cpp_extension.CUDA_HOME = params.cuda_home

@@ -1,0 +1,32 @@
+"""Pure-PyTorch versions of every op: the test oracle and the "plain PyTorch" baseline of the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def identity_grid(shape, dtype=torch.float32, device="cpu") -> Tensor:
+    """Voxel coordinates [3, D, H, W], channel i = index along spatial axis i."""
+    axes = [torch.arange(size, dtype=dtype, device=device) for size in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def ddf_to_grid(ddf: Tensor) -> Tensor:
+    """identity + ddf [N, 3, D, H, W] (voxels) -> normalised grid [N, D, H, W, 3] in (x, y, z) order for
+    F.grid_sample(align_corners=True). Needs every spatial size > 1."""
+    spatial = ddf.shape[2:]
+    if min(spatial) < 2:
+        raise ValueError(f"the grid_sample pipeline needs spatial sizes > 1, got {tuple(spatial)}")
+    location = identity_grid(spatial, ddf.dtype, ddf.device) + ddf
+    scale = torch.tensor([2.0 / (s - 1) for s in spatial], dtype=ddf.dtype, device=ddf.device)
+    normalised = location * scale.view(1, 3, 1, 1, 1) - 1
+    return normalised.permute(0, 2, 3, 4, 1).flip(-1)
+
+
+def warp(image: Tensor, ddf: Tensor, mode: str = "bilinear", padding_mode: str = "border") -> Tensor:
+    """What users run today: identity + ddf, normalise, permute, F.grid_sample(align_corners=True)."""
+    if image.shape[0] == 1 and ddf.shape[0] > 1:
+        image = image.expand(ddf.shape[0], *image.shape[1:])
+    return F.grid_sample(image, ddf_to_grid(ddf), mode=mode, padding_mode=padding_mode, align_corners=True)
