@@ -10,7 +10,7 @@
 #define DA_INLINE __forceinline__
 #else
 #define DA_HOST_DEVICE
-#define DA_INLINE inline
+#define DA_INLINE inline __attribute__((always_inline))
 #endif
 
 // Every per-voxel function: callable from a CPU loop and from a CUDA kernel.

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "deepatlas/sample_args.h"
 #include "deepatlas/volume.h"
@@ -22,6 +23,30 @@ void dispatch_index(bool index64, F&& f) {
     f(TypeTag<int64_t>{});
   } else {
     f(TypeTag<int32_t>{});
+  }
+}
+
+// f(interp, padding) with both as std::integral_constant, so that the per-point code inlined into f is
+// specialised for the mode (the CPU loops use this; on CUDA the mode branches are uniform and cheap).
+template <typename F>
+void dispatch_modes(Interp interp, Padding padding, F&& f) {
+  auto with_padding = [&](auto interp_c) {
+    switch (padding) {
+      case Padding::Zeros:
+        f(interp_c, std::integral_constant<Padding, Padding::Zeros>{});
+        break;
+      case Padding::Border:
+        f(interp_c, std::integral_constant<Padding, Padding::Border>{});
+        break;
+      default:
+        f(interp_c, std::integral_constant<Padding, Padding::Reflection>{});
+        break;
+    }
+  };
+  if (interp == Interp::Nearest) {
+    with_padding(std::integral_constant<Interp, Interp::Nearest>{});
+  } else {
+    with_padding(std::integral_constant<Interp, Interp::Bilinear>{});
   }
 }
 

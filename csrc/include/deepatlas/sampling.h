@@ -101,28 +101,73 @@ DA_HD bool in_range(I i, I size) {
   return i >= 0 && i < size;
 }
 
-// The 2x2x2 neighbourhood of a point for trilinear interpolation: the lower corner and the weights of the lower
-// (w0 = upper - x) and upper (w1 = x - lower) neighbour along each axis, in (z, y, x) order.
+// The 2x2x2 neighbourhood of a location c = (z, y, x) for trilinear interpolation. Corner k = 4 dz + 2 dy + dx
+// (dz, dy, dx in {0, 1}) sits at lo + (dz, dy, dx); its weight is the product of the 1-D weights w0 = (lo + 1) - c
+// (lower neighbour) and w1 = c - lo (upper neighbour), formed in torch's order (x * y * z). Corners outside the
+// volume are flagged and given offset 0, so no caller ever forms an out-of-bounds address.
 template <typename acc_t, typename I>
 struct Trilinear {
   I lo[3];
   acc_t w0[3];
   acc_t w1[3];
-  bool valid_lo[3];
-  bool valid_hi[3];
+  I offset[8];    // spatial offset of each corner: z * stride_z + y * stride_y + x * stride_x
+  bool inside[8];
+  bool all_inside;  // the common case: no corner needs a bounds check
 
-  DA_HD Trilinear(const acc_t c[3], const I size[3]) {
+  DA_HD Trilinear(const acc_t c[3], const I size[3], const I stride[3]) {
+    I axis_offset[3][2];
+    bool valid[3][2];
     for (int k = 0; k < 3; ++k) {
       const acc_t f = da_floor(c[k]);
       lo[k] = static_cast<I>(f);
       w0[k] = (f + 1) - c[k];
       w1[k] = c[k] - f;
-      valid_lo[k] = in_range<I>(lo[k], size[k]);
-      valid_hi[k] = in_range<I>(lo[k] + 1, size[k]);
+      valid[k][0] = in_range<I>(lo[k], size[k]);
+      valid[k][1] = in_range<I>(lo[k] + 1, size[k]);
+      axis_offset[k][0] = lo[k] * stride[k];
+      axis_offset[k][1] = axis_offset[k][0] + stride[k];
+    }
+    all_inside = valid[0][0] && valid[0][1] && valid[1][0] && valid[1][1] && valid[2][0] && valid[2][1];
+    for (int dz = 0; dz < 2; ++dz) {
+      for (int dy = 0; dy < 2; ++dy) {
+        for (int dx = 0; dx < 2; ++dx) {
+          const int corner = 4 * dz + 2 * dy + dx;
+          inside[corner] = valid[0][dz] && valid[1][dy] && valid[2][dx];
+          offset[corner] = inside[corner] ? axis_offset[0][dz] + axis_offset[1][dy] + axis_offset[2][dx] : I(0);
+        }
+      }
     }
   }
-  DA_HD acc_t weight(int axis, int hi) const { return hi ? w1[axis] : w0[axis]; }
-  DA_HD bool valid(int axis, int hi) const { return hi ? valid_hi[axis] : valid_lo[axis]; }
+  DA_HD acc_t w(int axis, int hi) const { return hi ? w1[axis] : w0[axis]; }
+  DA_HD acc_t weight(int corner) const {
+    return w(2, corner & 1) * w(1, (corner >> 1) & 1) * w(0, corner >> 2);
+  }
+  // d(weight of corner)/d(c[axis]): the weight with the axis' factor replaced by -1 (lower) or +1 (upper).
+  DA_HD acc_t weight_grad(int corner, int axis) const {
+    const int d[3] = {corner >> 2, (corner >> 1) & 1, corner & 1};
+    acc_t g = d[axis] ? acc_t(1) : acc_t(-1);
+    for (int k = 2; k >= 0; --k) {
+      if (k != axis) g *= w(k, d[k]);
+    }
+    return g;
+  }
+};
+
+// The nearest voxel of a location (round half to even, as torch); offset 0 when outside.
+template <typename acc_t, typename I>
+struct Nearest {
+  I i[3];
+  I offset;
+  bool inside;
+
+  DA_HD Nearest(const acc_t c[3], const I size[3], const I stride[3]) {
+    inside = true;
+    for (int k = 0; k < 3; ++k) {
+      i[k] = static_cast<I>(da_nearbyint(c[k]));
+      inside = inside && in_range<I>(i[k], size[k]);
+    }
+    offset = inside ? i[0] * stride[0] + i[1] * stride[1] + i[2] * stride[2] : I(0);
+  }
 };
 
 }  // namespace deepatlas

@@ -84,40 +84,51 @@ DA_HD I input_batch(I n, I input_batch_size) {
   return input_batch_size == 1 ? I(0) : n;
 }
 
+// Spatial sizes and strides of a volume, in (z, y, x) order.
+template <typename T, typename I>
+struct SpatialGeometry {
+  I size[3];
+  I stride[3];
+  DA_HD explicit SpatialGeometry(const Volume<T, I>& v) {
+    for (int k = 0; k < 3; ++k) {
+      size[k] = v.size[2 + k];
+      stride[k] = v.stride[2 + k];
+    }
+  }
+};
+
 // out[n, :, z, y, x] = input sampled at the location of q.
 template <typename acc_t, typename Coords, typename TIn, typename I>
 DA_HD void sample_forward_point(const Coords& coords, const Volume<const TIn, I>& input, const Volume<TIn, I>& out,
                                 const Point<I>& q, Interp interp, Padding padding) {
-  const I in_size[3] = {input.size[2], input.size[3], input.size[4]};
+  const SpatialGeometry<const TIn, I> geo(input);
   const I channels = input.size[1];
-  const I n_in = input_batch(q.n, input.size[0]);
-  const Location<acc_t, I> loc = locate<acc_t>(coords, q, in_size, padding);
+  const TIn* base = input.data + input_batch(q.n, input.size[0]) * input.stride[0];
+  TIn* dst = &out.at(q.n, 0, q.z, q.y, q.x);
+  const Location<acc_t, I> loc = locate<acc_t>(coords, q, geo.size, padding);
 
   if (interp == Interp::Nearest) {
-    const I iz = static_cast<I>(da_nearbyint(loc.c[0]));
-    const I iy = static_cast<I>(da_nearbyint(loc.c[1]));
-    const I ix = static_cast<I>(da_nearbyint(loc.c[2]));
-    const bool inside = in_range(iz, in_size[0]) && in_range(iy, in_size[1]) && in_range(ix, in_size[2]);
+    const Nearest<acc_t, I> s(loc.c, geo.size, geo.stride);
     for (I ch = 0; ch < channels; ++ch) {
-      out.at(q.n, ch, q.z, q.y, q.x) = inside ? input.at(n_in, ch, iz, iy, ix) : from_acc<TIn>(acc_t(0));
+      dst[ch * out.stride[1]] = s.inside ? base[ch * input.stride[1] + s.offset] : from_acc<TIn>(acc_t(0));
     }
     return;
   }
 
-  const Trilinear<acc_t, I> t(loc.c, in_size);
+  const Trilinear<acc_t, I> t(loc.c, geo.size, geo.stride);
+  acc_t w[8];
+  for (int k = 0; k < 8; ++k) w[k] = t.weight(k);
   for (I ch = 0; ch < channels; ++ch) {
+    const TIn* plane = base + ch * input.stride[1];
     acc_t sum = 0;
-    for (int dz = 0; dz < 2; ++dz) {
-      for (int dy = 0; dy < 2; ++dy) {
-        for (int dx = 0; dx < 2; ++dx) {
-          if (t.valid(0, dz) && t.valid(1, dy) && t.valid(2, dx)) {
-            const acc_t w = t.weight(2, dx) * t.weight(1, dy) * t.weight(0, dz);
-            sum += to_acc<acc_t>(input.at(n_in, ch, t.lo[0] + dz, t.lo[1] + dy, t.lo[2] + dx)) * w;
-          }
-        }
+    if (t.all_inside) {
+      for (int k = 0; k < 8; ++k) sum += to_acc<acc_t>(plane[t.offset[k]]) * w[k];
+    } else {
+      for (int k = 0; k < 8; ++k) {
+        if (t.inside[k]) sum += to_acc<acc_t>(plane[t.offset[k]]) * w[k];
       }
     }
-    out.at(q.n, ch, q.z, q.y, q.x) = from_acc<TIn>(sum);
+    dst[ch * out.stride[1]] = from_acc<TIn>(sum);
   }
 }
 
@@ -129,32 +140,51 @@ DA_HD void sample_backward_coords_point(const Coords& coords, const Volume<const
                                         const Point<I>& q, Interp interp, Padding padding) {
   acc_t g[3] = {0, 0, 0};
   if (interp == Interp::Bilinear) {
-    const I in_size[3] = {input.size[2], input.size[3], input.size[4]};
+    const SpatialGeometry<const TIn, I> geo(input);
     const I channels = input.size[1];
-    const I n_in = input_batch(q.n, input.size[0]);
-    const Location<acc_t, I> loc = locate<acc_t>(coords, q, in_size, padding);
-    const Trilinear<acc_t, I> t(loc.c, in_size);
+    const TIn* base = input.data + input_batch(q.n, input.size[0]) * input.stride[0];
+    const TIn* go_ptr = &grad_out.at(q.n, 0, q.z, q.y, q.x);
+    const Location<acc_t, I> loc = locate<acc_t>(coords, q, geo.size, padding);
+    const Trilinear<acc_t, I> t(loc.c, geo.size, geo.stride);
+    acc_t dw[3][8];
+    for (int k = 0; k < 8; ++k) {
+      for (int axis = 0; axis < 3; ++axis) dw[axis][k] = t.inside[k] ? t.weight_grad(k, axis) : acc_t(0);
+    }
     for (I ch = 0; ch < channels; ++ch) {
-      const acc_t go = to_acc<acc_t>(grad_out.at(q.n, ch, q.z, q.y, q.x));
-      for (int dz = 0; dz < 2; ++dz) {
-        for (int dy = 0; dy < 2; ++dy) {
-          for (int dx = 0; dx < 2; ++dx) {
-            if (!(t.valid(0, dz) && t.valid(1, dy) && t.valid(2, dx))) continue;
-            const acc_t v = to_acc<acc_t>(input.at(n_in, ch, t.lo[0] + dz, t.lo[1] + dy, t.lo[2] + dx)) * go;
-            // d(weight)/d(coordinate) along one axis is -1 for the lower neighbour and +1 for the upper.
-            const acc_t sz = dz ? acc_t(1) : acc_t(-1);
-            const acc_t sy = dy ? acc_t(1) : acc_t(-1);
-            const acc_t sx = dx ? acc_t(1) : acc_t(-1);
-            g[2] += sx * t.weight(1, dy) * t.weight(0, dz) * v;
-            g[1] += sy * t.weight(2, dx) * t.weight(0, dz) * v;
-            g[0] += sz * t.weight(2, dx) * t.weight(1, dy) * v;
-          }
-        }
+      const TIn* plane = base + ch * input.stride[1];
+      const acc_t go = to_acc<acc_t>(go_ptr[ch * grad_out.stride[1]]);
+      for (int k = 0; k < 8; ++k) {
+        // dw is 0 for outside corners, whose offset is 0: reading there is in bounds, and skipped unless needed.
+        if (!t.all_inside && !t.inside[k]) continue;
+        const acc_t v = to_acc<acc_t>(plane[t.offset[k]]) * go;
+        for (int axis = 0; axis < 3; ++axis) g[axis] += dw[axis][k] * v;
       }
     }
     for (int k = 0; k < 3; ++k) g[k] *= loc.dc[k];
   }
   coords.write_grad(grad_coords, q, g);
+}
+
+// The range [first, last] of input z indices that the backward scatter of point q writes; first > last when it
+// writes nothing (the location is outside the volume).
+template <typename acc_t, typename Coords, typename I>
+DA_HD void sample_input_z_range(const Coords& coords, const I size[3], const I stride[3], const Point<I>& q,
+                                Interp interp, Padding padding, I* first, I* last) {
+  const Location<acc_t, I> loc = locate<acc_t>(coords, q, size, padding);
+  *first = size[0];
+  *last = -1;
+  if (interp == Interp::Nearest) {
+    const Nearest<acc_t, I> s(loc.c, size, stride);
+    if (s.inside) *first = *last = s.i[0];
+    return;
+  }
+  const Trilinear<acc_t, I> t(loc.c, size, stride);
+  for (int k = 0; k < 8; ++k) {
+    if (!t.inside[k]) continue;
+    const I z = t.lo[0] + (k >> 2);
+    *first = z < *first ? z : *first;
+    *last = z > *last ? z : *last;
+  }
 }
 
 // Scatter grad_out[n, c, q] for channels [ch_begin, ch_end) into grad_input through add(pointer, value): plain
@@ -163,32 +193,29 @@ template <typename acc_t, typename Coords, typename TIn, typename TAcc, typename
 DA_HD void sample_backward_input_point(const Coords& coords, const Volume<const TIn, I>& grad_out,
                                        const Volume<TAcc, I>& grad_input, const Point<I>& q, I ch_begin, I ch_end,
                                        Interp interp, Padding padding, Add add) {
-  const I in_size[3] = {grad_input.size[2], grad_input.size[3], grad_input.size[4]};
-  const I n_in = input_batch(q.n, grad_input.size[0]);
-  const Location<acc_t, I> loc = locate<acc_t>(coords, q, in_size, padding);
+  const SpatialGeometry<TAcc, I> geo(grad_input);
+  TAcc* base = grad_input.data + input_batch(q.n, grad_input.size[0]) * grad_input.stride[0];
+  const TIn* go_ptr = &grad_out.at(q.n, 0, q.z, q.y, q.x);
+  const Location<acc_t, I> loc = locate<acc_t>(coords, q, geo.size, padding);
 
   if (interp == Interp::Nearest) {
-    const I iz = static_cast<I>(da_nearbyint(loc.c[0]));
-    const I iy = static_cast<I>(da_nearbyint(loc.c[1]));
-    const I ix = static_cast<I>(da_nearbyint(loc.c[2]));
-    if (!(in_range(iz, in_size[0]) && in_range(iy, in_size[1]) && in_range(ix, in_size[2]))) return;
+    const Nearest<acc_t, I> s(loc.c, geo.size, geo.stride);
+    if (!s.inside) return;
     for (I ch = ch_begin; ch < ch_end; ++ch) {
-      add(&grad_input.at(n_in, ch, iz, iy, ix), static_cast<TAcc>(to_acc<acc_t>(grad_out.at(q.n, ch, q.z, q.y, q.x))));
+      add(base + ch * grad_input.stride[1] + s.offset,
+          static_cast<TAcc>(to_acc<acc_t>(go_ptr[ch * grad_out.stride[1]])));
     }
     return;
   }
 
-  const Trilinear<acc_t, I> t(loc.c, in_size);
+  const Trilinear<acc_t, I> t(loc.c, geo.size, geo.stride);
+  acc_t w[8];
+  for (int k = 0; k < 8; ++k) w[k] = t.weight(k);
   for (I ch = ch_begin; ch < ch_end; ++ch) {
-    const acc_t go = to_acc<acc_t>(grad_out.at(q.n, ch, q.z, q.y, q.x));
-    for (int dz = 0; dz < 2; ++dz) {
-      for (int dy = 0; dy < 2; ++dy) {
-        for (int dx = 0; dx < 2; ++dx) {
-          if (!(t.valid(0, dz) && t.valid(1, dy) && t.valid(2, dx))) continue;
-          const acc_t w = t.weight(2, dx) * t.weight(1, dy) * t.weight(0, dz);
-          add(&grad_input.at(n_in, ch, t.lo[0] + dz, t.lo[1] + dy, t.lo[2] + dx), static_cast<TAcc>(w * go));
-        }
-      }
+    TAcc* plane = base + ch * grad_input.stride[1];
+    const acc_t go = to_acc<acc_t>(go_ptr[ch * grad_out.stride[1]]);
+    for (int k = 0; k < 8; ++k) {
+      if (t.inside[k]) add(plane + t.offset[k], static_cast<TAcc>(w[k] * go));
     }
   }
 }
