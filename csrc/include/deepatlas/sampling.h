@@ -142,14 +142,15 @@ struct Trilinear {
   DA_HD acc_t weight(int corner) const {
     return w(2, corner & 1) * w(1, (corner >> 1) & 1) * w(0, corner >> 2);
   }
-  // d(weight of corner)/d(c[axis]): the weight with the axis' factor replaced by -1 (lower) or +1 (upper).
-  DA_HD acc_t weight_grad(int corner, int axis) const {
-    const int d[3] = {corner >> 2, (corner >> 1) & 1, corner & 1};
-    acc_t g = d[axis] ? acc_t(1) : acc_t(-1);
-    for (int k = 2; k >= 0; --k) {
-      if (k != axis) g *= w(k, d[k]);
-    }
-    return g;
+  // Gradient of sum_k weight(k) * v[k] with respect to c = (z, y, x), factorised per axis: the differences of
+  // v along that axis, weighted by the other two axes' weights.
+  DA_HD void gradient(const acc_t v[8], acc_t g[3]) const {
+    g[2] = w0[0] * (w0[1] * (v[1] - v[0]) + w1[1] * (v[3] - v[2])) +
+           w1[0] * (w0[1] * (v[5] - v[4]) + w1[1] * (v[7] - v[6]));
+    g[1] = w0[0] * (w0[2] * (v[2] - v[0]) + w1[2] * (v[3] - v[1])) +
+           w1[0] * (w0[2] * (v[6] - v[4]) + w1[2] * (v[7] - v[5]));
+    g[0] = w0[1] * (w0[2] * (v[4] - v[0]) + w1[2] * (v[5] - v[1])) +
+           w1[1] * (w0[2] * (v[6] - v[2]) + w1[2] * (v[7] - v[3]));
   }
 };
 

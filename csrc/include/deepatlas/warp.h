@@ -146,19 +146,16 @@ DA_HD void sample_backward_coords_point(const Coords& coords, const Volume<const
     const TIn* go_ptr = &grad_out.at(q.n, 0, q.z, q.y, q.x);
     const Location<acc_t, I> loc = locate<acc_t>(coords, q, geo.size, padding);
     const Trilinear<acc_t, I> t(loc.c, geo.size, geo.stride);
-    acc_t dw[3][8];
-    for (int k = 0; k < 8; ++k) {
-      for (int axis = 0; axis < 3; ++axis) dw[axis][k] = t.inside[k] ? t.weight_grad(k, axis) : acc_t(0);
-    }
     for (I ch = 0; ch < channels; ++ch) {
       const TIn* plane = base + ch * input.stride[1];
       const acc_t go = to_acc<acc_t>(go_ptr[ch * grad_out.stride[1]]);
+      acc_t v[8];  // corner values; outside corners (offset 0) count as 0
       for (int k = 0; k < 8; ++k) {
-        // dw is 0 for outside corners, whose offset is 0: reading there is in bounds, and skipped unless needed.
-        if (!t.all_inside && !t.inside[k]) continue;
-        const acc_t v = to_acc<acc_t>(plane[t.offset[k]]) * go;
-        for (int axis = 0; axis < 3; ++axis) g[axis] += dw[axis][k] * v;
+        v[k] = (t.all_inside || t.inside[k]) ? to_acc<acc_t>(plane[t.offset[k]]) : acc_t(0);
       }
+      acc_t gc[3];
+      t.gradient(v, gc);
+      for (int axis = 0; axis < 3; ++axis) g[axis] += gc[axis] * go;
     }
     for (int k = 0; k < 3; ++k) g[k] *= loc.dc[k];
   }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing), installs torch and the test tools, and builds deepatlas_cuda into it (editable,
+# against the installed torch: --no-build-isolation). Idempotent; sourced by scripts/test.sh and scripts/demo.sh.
+#   TORCH_SPEC      torch requirement (default torch==2.14.1, a CUDA 13.0 build that also runs on the CPU)
+#   DEEPATLAS_CUDA  0 / 1 to force the CUDA library off / on (default: built when nvcc is found)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DEEPATLAS_VENV:-$ROOT/.venv}"
+PYTHON_BIN="${PYTHON_BIN:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  "$PYTHON_BIN" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -m pip install -q "${TORCH_SPEC:-torch==2.14.1}" numpy ninja pytest pytest-benchmark hypothesis \
+  2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
+
+echo "== building deepatlas_cuda ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
+"$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -c "import deepatlas_cuda, json; print(json.dumps(deepatlas_cuda.build_info()))"

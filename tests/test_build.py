@@ -1,0 +1,117 @@
+"""The build machinery: build parameters, CUDA toolkit discovery, arch clamping, cache keys, locks, build_info."""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import deepatlas_cuda
+from deepatlas_cuda import _build, _loader, ops
+
+
+def test_build_info_reports_the_build():
+    info = deepatlas_cuda.build_info()
+    assert info["version"] == deepatlas_cuda.__version__
+    assert info["torch_version"] == torch.__version__
+    assert info["cpu_kernels"] is True
+    assert isinstance(info["cuda_kernels"], bool)
+    assert info["loaded_from"] in ("prebuilt", "jit")
+    assert info["openmp_threads"] == torch.get_num_threads()
+    assert all(Path(p).exists() for p in info["libraries"])
+    if info["cuda_kernels"]:
+        assert info["cuda_version"] and info["cuda_arch_list"]
+
+
+def test_arch_list_defaults_to_volta_through_hopper_clamped_to_nvcc(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_build, "nvcc_archs", lambda home: ["7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0"])
+    assert _build.resolve_arch_list("/cuda") == ["7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0+PTX"]
+    monkeypatch.setattr(_build, "nvcc_archs", lambda home: ["6.0", "7.0", "7.5", "8.0"])
+    assert _build.resolve_arch_list("/cuda") == ["7.0", "7.5", "8.0+PTX"]
+
+
+def test_arch_list_from_environment(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    assert _build.resolve_arch_list("/cuda") == ["8.0", "9.0+PTX"]
+
+
+def test_cuda_switch(monkeypatch):
+    monkeypatch.setenv("DEEPATLAS_CUDA", "0")
+    assert _build.decide_cuda("/cuda") == (False, "DEEPATLAS_CUDA=0")
+    monkeypatch.setenv("DEEPATLAS_CUDA", "1")
+    with pytest.raises(RuntimeError, match="no CUDA toolkit"):
+        _build.decide_cuda(None)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match="CPU-only build"):
+        _build.decide_cuda("/cuda")
+    monkeypatch.delenv("DEEPATLAS_CUDA")
+    with_cuda, reason = _build.decide_cuda("/cuda")
+    assert not with_cuda and "CPU-only build" in reason
+
+
+def _fake_toolkit(root: Path) -> None:
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ _HERE_={root}/bin' >&2\necho 'Cuda compilation tools, release 13.0'\n")
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+
+
+def test_cuda_home_found_through_a_wrapper_script(tmp_path, monkeypatch):
+    """nvcc on PATH is a wrapper in /usr/local/bin: torch would guess /usr/local; we ask nvcc itself."""
+    root = tmp_path / "cuda-13.0"
+    _fake_toolkit(root)
+    wrappers = tmp_path / "wrappers"
+    wrappers.mkdir()
+    wrapper = wrappers / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {root}/bin/nvcc "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrappers}{os.pathsep}{os.environ['PATH']}")
+    assert _build.find_cuda_home() == str(root)
+    assert _build.nvcc_version(str(root)) == "13.0"
+
+
+def test_cuda_home_from_environment(tmp_path, monkeypatch):
+    _fake_toolkit(tmp_path / "toolkit")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "toolkit"))
+    assert _build.find_cuda_home() == str(tmp_path / "toolkit")
+
+
+def test_max_jobs_bounded_by_cores():
+    assert 1 <= _build.default_max_jobs() <= (os.cpu_count() or 1)
+
+
+def test_cache_key_tracks_torch_abi_and_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPATLAS_CUDA", "0")
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "ops.cpp").write_text("// one\n")
+    params = _build.build_params(csrc)
+    key = _loader.cache_key(params)
+    assert torch.__version__.replace("+", "_") in key
+    assert f"abi{int(torch._C._GLIBCXX_USE_CXX11_ABI)}" in key and "-cucpu-" in key
+    (csrc / "ops.cpp").write_text("// two\n")
+    assert _loader.cache_key(_build.build_params(csrc)) != key
+    monkeypatch.setenv("DEEPATLAS_DEBUG", "1")
+    assert _loader.cache_key(_build.build_params(csrc)) not in (key,)
+
+
+def test_build_lock_removes_a_stale_torch_lock(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    stale = tmp_path / "cpu" / "lock"  # left behind by a killed torch.utils.cpp_extension build
+    stale.write_text("")
+    with _loader._build_lock(tmp_path):
+        assert not stale.exists()
+
+
+def test_cuda_tensor_on_a_cpu_only_build_says_how_to_rebuild(monkeypatch):
+    monkeypatch.setattr(ops.STATE, "cuda_loaded", False)
+    with FakeTensorMode():
+        image = torch.empty(1, 1, 4, 4, 4, device="cuda")
+        ddf = torch.empty(1, 3, 4, 4, 4, device="cuda")
+        with pytest.raises(RuntimeError, match="no CUDA kernels.*DEEPATLAS_CUDA=1 pip install --no-build-isolation"):
+            deepatlas_cuda.warp(image, ddf)

@@ -1,0 +1,106 @@
+"""CUDA kernels against the CPU kernels (the same per-voxel code) and against torch; skipped without a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_ddf, random_grid, to_layout
+
+import deepatlas_cuda as da
+
+pytestmark = pytest.mark.cuda
+
+PADDINGS = ["zeros", "border", "reflection"]
+
+
+def _forward_backward(fn, tensors, grad_out=None):
+    tensors = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    grad_out = torch.randn_like(out) if grad_out is None else grad_out.to(out)
+    return out, torch.autograd.grad(out, tensors, grad_out), grad_out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_grid_sample_cuda_matches_cpu(dtype, mode, padding, align_corners):
+    input = torch.randn(2, 3, 5, 6, 7, dtype=dtype)
+    grid = random_grid(2, 4, 5, 3, dtype=dtype)
+    fn = lambda i, g: da.grid_sample(i, g, mode, padding, align_corners)  # noqa: E731
+    out_cpu, grads_cpu, grad_out = _forward_backward(fn, [input, grid])
+    out_gpu, grads_gpu, _ = _forward_backward(fn, [input.cuda(), grid.cuda()], grad_out)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, **tol)
+    for a, b in zip(grads_gpu, grads_cpu):
+        torch.testing.assert_close(a.cpu(), b, **tol)
+    torch.testing.assert_close(out_gpu, F.grid_sample(input.cuda(), grid.cuda(), mode, padding, align_corners), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_warp_cuda_matches_cpu(dtype, padding):
+    image = torch.randn(1, 2, 6, 7, 5, dtype=dtype)  # broadcast over the ddf batch
+    ddf = random_ddf(3, 6, 7, 5, dtype=dtype)
+    fn = lambda i, u: da.warp(i, u, "bilinear", padding)  # noqa: E731
+    out_cpu, grads_cpu, grad_out = _forward_backward(fn, [image, ddf])
+    out_gpu, grads_gpu, _ = _forward_backward(fn, [image.cuda(), ddf.cuda()], grad_out)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, **tol)
+    for a, b in zip(grads_gpu, grads_cpu):
+        torch.testing.assert_close(a.cpu(), b, **tol)
+
+
+@pytest.mark.parametrize("image_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ddf_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_reduced_precision_accumulates_in_float32(image_dtype, ddf_dtype):
+    image = torch.randn(2, 2, 8, 8, 8).to(image_dtype)
+    ddf = random_ddf(2, 8, 8, 8).to(ddf_dtype)
+    fn = lambda i, u: da.warp(i, u, "bilinear", "border")  # noqa: E731
+    out, grads, grad_out = _forward_backward(fn, [image.cuda(), ddf.cuda()])
+    assert out.dtype == image_dtype and grads[0].dtype == image_dtype and grads[1].dtype == ddf_dtype
+    # Reference: the same (rounded) values in float32 on the CPU.
+    out_ref, grads_ref, _ = _forward_backward(fn, [image.float(), ddf.float()], grad_out.float().cpu())
+    tol = dict(rtol=2e-2, atol=2e-2) if torch.bfloat16 in (image_dtype, ddf_dtype) else dict(rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(out.float().cpu(), out_ref, **tol)
+    torch.testing.assert_close(grads[0].float().cpu(), grads_ref[0], **tol)
+    torch.testing.assert_close(grads[1].float().cpu(), grads_ref[1], rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_layouts_cuda(layout):
+    input = to_layout(torch.randn(2, 3, 6, 5, 4, device="cuda"), layout)
+    grid = to_layout(random_grid(2, 3, 4, 5, device="cuda"), layout)
+    torch.testing.assert_close(da.grid_sample(input, grid), F.grid_sample(input, grid, align_corners=False))
+
+
+def test_gradcheck_cuda_float64():
+    image = torch.randn(1, 2, 4, 5, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    ddf = (random_ddf(1, 4, 5, 3, dtype=torch.float64, device="cuda").round() + 0.3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda i, u: da.warp(i, u, "bilinear", "zeros"), (image, ddf), eps=1e-6,
+                                    atol=1e-6)
+
+
+def test_forced_64_bit_indexing_cuda(monkeypatch):
+    input = torch.randn(2, 3, 5, 6, 7, device="cuda")
+    grid = random_grid(2, 4, 4, 4, device="cuda")
+    expected = da.grid_sample(input, grid)
+    monkeypatch.setenv("DEEPATLAS_FORCE_INDEX64", "1")
+    torch.testing.assert_close(da.grid_sample(input, grid), expected, rtol=0, atol=0)
+
+
+def test_runs_on_the_current_stream():
+    image = torch.randn(1, 1, 32, 32, 32, device="cuda")
+    ddf = random_ddf(1, 32, 32, 32, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = da.warp(image, ddf)
+    stream.synchronize()
+    torch.testing.assert_close(out, da.warp(image, ddf))
+
+
+def test_opcheck_cuda():
+    input = torch.randn(2, 3, 4, 5, 6, device="cuda")
+    grid = random_grid(2, 3, 4, 2, special=False, device="cuda")
+    torch.library.opcheck(torch.ops.deepatlas.grid_sample_3d.default, (input, grid, 0, 1, False))
+    ddf = random_ddf(2, 4, 5, 6, device="cuda")
+    torch.library.opcheck(torch.ops.deepatlas.warp.default, (input, ddf, 0, 1))
