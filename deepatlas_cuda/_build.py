@@ -57,9 +57,10 @@ class BuildParams:
         return [str(self.csrc / s) for s in CUDA_SOURCES]
 
     def source_hash(self) -> str:
-        """Hash of every source and header plus the flags: the JIT cache key's content part."""
+        """Hash of every library source and header plus the flags: the JIT cache key's content part."""
         digest = hashlib.sha256()
-        for path in sorted(p for p in self.csrc.rglob("*") if p.is_file()):
+        library_files = (p for p in self.csrc.rglob("*") if p.is_file() and "tools" not in p.relative_to(self.csrc).parts)
+        for path in sorted(library_files):
             digest.update(str(path.relative_to(self.csrc)).encode())
             digest.update(path.read_bytes())
         flags = [self.cxx_flags, self.nvcc_flags, self.ld_flags, self.arch_list, self.with_cuda, self.debug]
