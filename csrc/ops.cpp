@@ -17,4 +17,9 @@ TORCH_LIBRARY(deepatlas, m) {
   m.def(
       "warp_backward(Tensor grad_output, Tensor image, Tensor ddf, int interpolation, int padding, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
+  // labels [N or 1, 1, D, H, W] (uint8/int16/int32/int64), ddf [N, 3, D, H, W] -> labels' dtype; `fill` outside.
+  m.def("warp_labels_nearest(Tensor labels, Tensor ddf, int fill) -> Tensor");
+  // -> [N, num_classes, D, H, W] in the ddf's dtype: the trilinear warp of the one-hot encoding, never built.
+  m.def("warp_labels_soft(Tensor labels, Tensor ddf, int num_classes) -> Tensor");
+  m.def("warp_labels_soft_backward(Tensor grad_output, Tensor labels, Tensor ddf, int num_classes) -> Tensor");
 }

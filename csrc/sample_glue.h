@@ -24,6 +24,14 @@ inline DType to_dtype(at::ScalarType t) {
       return DType::Float32;
     case at::kDouble:
       return DType::Float64;
+    case at::kByte:
+      return DType::UInt8;
+    case at::kShort:
+      return DType::Int16;
+    case at::kInt:
+      return DType::Int32;
+    case at::kLong:
+      return DType::Int64;
     default:
       TORCH_CHECK(false, "deepatlas: unsupported dtype ", t);
   }

@@ -3,6 +3,7 @@
     import deepatlas_cuda as da
     out = da.grid_sample(volume, grid)        # drop-in for torch.nn.functional.grid_sample
     moved = da.warp(image, ddf)               # out[x] = image[x + ddf[x]], ddf in voxels, no grid built
+    seg = da.warp_labels(labels, ddf)         # integer labels, nearest; mode="soft" -> differentiable one-hot warp
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from ._loader import STATE as _STATE
+from .labels import warp_labels
 from .ops import grid_sample, warp
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build_info", "grid_sample", "warp"]
+__all__ = ["__version__", "build_info", "grid_sample", "warp", "warp_labels"]
 
 
 def build_info() -> dict:

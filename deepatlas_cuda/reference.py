@@ -30,3 +30,16 @@ def warp(image: Tensor, ddf: Tensor, mode: str = "bilinear", padding_mode: str =
     if image.shape[0] == 1 and ddf.shape[0] > 1:
         image = image.expand(ddf.shape[0], *image.shape[1:])
     return F.grid_sample(image, ddf_to_grid(ddf), mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp_labels_soft(labels: Tensor, ddf: Tensor, num_classes: int) -> Tensor:
+    """One-hot [N, K, D, H, W], then the plain warp pipeline with zeros padding."""
+    one_hot = F.one_hot(labels[:, 0].long(), num_classes).permute(0, 4, 1, 2, 3).to(ddf.dtype)
+    return warp(one_hot, ddf, "bilinear", "zeros")
+
+
+def warp_labels_nearest(labels: Tensor, ddf: Tensor, padding_value: int = 0) -> Tensor:
+    """F.grid_sample(mode='nearest') on float-cast labels, cast back; padding_value where the point is outside."""
+    warped = warp(labels.to(ddf.dtype), ddf, "nearest", "zeros")
+    inside = warp(torch.ones_like(labels, dtype=ddf.dtype), ddf, "nearest", "zeros") > 0.5
+    return torch.where(inside, warped, torch.full_like(warped, padding_value)).to(labels.dtype)

@@ -7,27 +7,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "deepatlas/sample_dispatch.h"
 #include "sample_glue.h"
 
 namespace deepatlas {
 namespace {
-
-constexpr int64_t kPointGrain = 2048;
-
-// fn(point) for every output point, in parallel over rows (n, z, y) so that no point index is divided.
-template <typename I, typename F>
-void parallel_over_points(const SampleArgs& a, const F& fn) {
-  const I d = static_cast<I>(a.out_size[0]), h = static_cast<I>(a.out_size[1]), w = static_cast<I>(a.out_size[2]);
-  const int64_t rows = a.batch * a.out_size[0] * a.out_size[1];
-  const int64_t row_grain = std::max<int64_t>(1, kPointGrain / std::max<int64_t>(1, w));
-  at::parallel_for(0, rows, row_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      Point<I> q{static_cast<I>(row / (int64_t(d) * h)), static_cast<I>((row / h) % d), static_cast<I>(row % h), 0};
-      for (; q.x < w; ++q.x) fn(q);
-    }
-  });
-}
 
 struct PlainAdd {
   template <typename T>

@@ -6,7 +6,7 @@
 
 namespace deepatlas {
 
-enum class DType : int { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3 };
+enum class DType : int { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3, UInt8 = 4, Int16 = 5, Int32 = 6, Int64 = 7 };
 enum class Interp : int { Bilinear = 0, Nearest = 1 };
 enum class Padding : int { Zeros = 0, Border = 1, Reflection = 2 };
 
@@ -37,6 +37,17 @@ struct SampleArgs {
   int64_t out_size[3] = {0, 0, 0};  // D', H', W'
 
   int64_t num_points() const { return batch * out_size[0] * out_size[1] * out_size[2]; }
+};
+
+// The label warps (deepatlas/labels.h) reuse SampleArgs: input = integer labels [N_in, 1, D, H, W], coords = ddf,
+// output = the result (nearest: labels' dtype; soft: [N, K, D, H, W] in the ddf's dtype) or, for SoftBackward,
+// grad_output; grad_coords = grad_ddf.
+enum class LabelOp : int { Nearest = 0, Soft = 1, SoftBackward = 2 };
+
+struct LabelArgs {
+  SampleArgs sample;
+  LabelOp op = LabelOp::Nearest;
+  int64_t fill = 0;  // nearest: the label written outside the volume
 };
 
 }  // namespace deepatlas
