@@ -22,4 +22,7 @@ TORCH_LIBRARY(deepatlas, m) {
   // -> [N, num_classes, D, H, W] in the ddf's dtype: the trilinear warp of the one-hot encoding, never built.
   m.def("warp_labels_soft(Tensor labels, Tensor ddf, int num_classes) -> Tensor");
   m.def("warp_labels_soft_backward(Tensor grad_output, Tensor labels, Tensor ddf, int num_classes) -> Tensor");
+  // ddf [N, 3, D, H, W] -> det(I + grad u) [N, 1, D, H, W]; schemes per axis: 0 central, 1 forward, 2 backward.
+  m.def("jacobian_det(Tensor ddf, float[3] spacing, int[3] schemes) -> Tensor");
+  m.def("jacobian_det_backward(Tensor grad_output, Tensor ddf, float[3] spacing, int[3] schemes) -> Tensor");
 }

@@ -43,3 +43,27 @@ def warp_labels_nearest(labels: Tensor, ddf: Tensor, padding_value: int = 0) -> 
     warped = warp(labels.to(ddf.dtype), ddf, "nearest", "zeros")
     inside = warp(torch.ones_like(labels, dtype=ddf.dtype), ddf, "nearest", "zeros") > 0.5
     return torch.where(inside, warped, torch.full_like(warped, padding_value)).to(labels.dtype)
+
+
+def _difference(u: Tensor, dim: int, scheme: str) -> Tensor:
+    """Finite difference of u along dim with jacobian.h's stencils (one-sided at the borders), in index units."""
+    n = u.shape[dim]
+    if n < 2:
+        return torch.zeros_like(u)
+    first = u.narrow(dim, 1, 1) - u.narrow(dim, 0, 1)
+    last = u.narrow(dim, n - 1, 1) - u.narrow(dim, n - 2, 1)
+    steps = u.narrow(dim, 1, n - 1) - u.narrow(dim, 0, n - 1)  # u[i + 1] - u[i]
+    if scheme == "forward":
+        return torch.cat([steps, last], dim)
+    if scheme == "backward":
+        return torch.cat([first, steps], dim)
+    inner = (u.narrow(dim, 2, n - 2) - u.narrow(dim, 0, n - 2)) / 2
+    return torch.cat([first, inner, last], dim)
+
+
+def jacobian_det(ddf: Tensor, spacing=(1.0, 1.0, 1.0), scheme: str = "central") -> Tensor:
+    """det(I + grad u) with plain tensor finite differences: the test oracle and the benchmark baseline."""
+    columns = [_difference(ddf, 2 + j, scheme) / spacing[j] for j in range(3)]  # d u / d x_j, [N, 3, D, H, W]
+    jac = torch.stack(columns, dim=2)  # [N, 3 (i), 3 (j), D, H, W]
+    jac = jac + torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
+    return torch.linalg.det(jac.permute(0, 3, 4, 5, 1, 2)).unsqueeze(1)

@@ -42,6 +42,18 @@ struct SampleArgs {
 // The label warps (deepatlas/labels.h) reuse SampleArgs: input = integer labels [N_in, 1, D, H, W], coords = ddf,
 // output = the result (nearest: labels' dtype; soft: [N, K, D, H, W] in the ddf's dtype) or, for SoftBackward,
 // grad_output; grad_coords = grad_ddf.
+// Finite-difference schemes of the Jacobian (deepatlas/jacobian.h).
+enum class FDScheme : int { Central = 0, Forward = 1, Backward = 2 };
+
+// jacobian_det: coords = ddf [N, 3, D, H, W]; output = det [N, 1, D, H, W] or, backward, grad_output;
+// grad_coords = grad_ddf.
+struct JacobianArgs {
+  SampleArgs sample;
+  double spacing[3] = {1, 1, 1};
+  FDScheme scheme[3] = {FDScheme::Central, FDScheme::Central, FDScheme::Central};
+  bool backward = false;
+};
+
 enum class LabelOp : int { Nearest = 0, Soft = 1, SoftBackward = 2 };
 
 struct LabelArgs {
