@@ -4,6 +4,7 @@
     out = da.grid_sample(volume, grid)        # drop-in for torch.nn.functional.grid_sample
     moved = da.warp(image, ddf)               # out[x] = image[x + ddf[x]], ddf in voxels, no grid built
     seg = da.warp_labels(labels, ddf)         # integer labels, nearest; mode="soft" -> differentiable one-hot warp
+    dice = da.warped_dice(labels, ddf, target, num_classes=K)  # [N, K], no warped K-channel volume
     det = da.jacobian_det(ddf)                # det(I + grad u) per voxel; da.folding_stats(ddf) for the summary
 """
 
@@ -12,13 +13,15 @@ from __future__ import annotations
 import torch
 
 from ._loader import STATE as _STATE
+from .dice import warped_dice
 from .jacobian import folding_stats, jacobian_det
 from .labels import warp_labels
 from .ops import grid_sample, warp
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build_info", "folding_stats", "grid_sample", "jacobian_det", "warp", "warp_labels"]
+__all__ = ["__version__", "build_info", "folding_stats", "grid_sample", "jacobian_det", "warp", "warp_labels",
+           "warped_dice"]
 
 
 def build_info() -> dict:

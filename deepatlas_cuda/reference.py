@@ -67,3 +67,17 @@ def jacobian_det(ddf: Tensor, spacing=(1.0, 1.0, 1.0), scheme: str = "central") 
     jac = torch.stack(columns, dim=2)  # [N, 3 (i), 3 (j), D, H, W]
     jac = jac + torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
     return torch.linalg.det(jac.permute(0, 3, 4, 5, 1, 2)).unsqueeze(1)
+
+
+def soft_dice(prediction: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """(2 sum(p t) + eps) / (sum(p) + sum(t) + eps) per [N, K] over the spatial axes."""
+    intersection = (prediction * target).flatten(2).sum(-1)
+    return (2 * intersection + eps) / (prediction.flatten(2).sum(-1) + target.flatten(2).sum(-1) + eps)
+
+
+def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int, eps: float = 1e-6) -> Tensor:
+    """Warp-then-Dice the usual way: one-hot source, F.grid_sample, one-hot target, soft Dice."""
+    warped = warp_labels_soft(source, ddf, num_classes)
+    if not target.is_floating_point():
+        target = F.one_hot(target[:, 0].long(), num_classes).permute(0, 4, 1, 2, 3).to(ddf.dtype)
+    return soft_dice(warped, target, eps)

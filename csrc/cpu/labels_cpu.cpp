@@ -9,25 +9,6 @@
 namespace deepatlas {
 namespace {
 
-// f(TypeTag<label type>) for the supported integer label dtypes.
-template <typename F>
-void dispatch_label_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::UInt8:
-      f(TypeTag<uint8_t>{});
-      break;
-    case DType::Int16:
-      f(TypeTag<int16_t>{});
-      break;
-    case DType::Int32:
-      f(TypeTag<int32_t>{});
-      break;
-    default:
-      f(TypeTag<int64_t>{});
-      break;
-  }
-}
-
 template <typename TL, typename T, typename I>
 void run_typed(const LabelArgs& a) {
   using acc_t = typename AccType<T>::type;

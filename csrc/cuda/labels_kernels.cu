@@ -57,32 +57,17 @@ void launch_typed(const LabelArgs& a, cudaStream_t stream) {
   });
 }
 
-template <typename T>
-void launch_for_labels(const LabelArgs& a, cudaStream_t stream) {
-  switch (a.sample.input.dtype) {
-    case DType::UInt8:
-      launch_typed<uint8_t, T>(a, stream);
-      break;
-    case DType::Int16:
-      launch_typed<int16_t, T>(a, stream);
-      break;
-    case DType::Int32:
-      launch_typed<int32_t, T>(a, stream);
-      break;
-    default:
-      launch_typed<int64_t, T>(a, stream);
-      break;
-  }
-}
-
 }  // namespace
 
 cudaError_t launch_labels(const LabelArgs& args, cudaStream_t stream) {
-  if (args.sample.coords.dtype == DType::Float64) {
-    launch_for_labels<double>(args, stream);
-  } else {
-    launch_for_labels<float>(args, stream);
-  }
+  dispatch_label_dtype(args.sample.input.dtype, [&](auto label_tag) {
+    using TL = typename decltype(label_tag)::type;
+    if (args.sample.coords.dtype == DType::Float64) {
+      launch_typed<TL, double>(args, stream);
+    } else {
+      launch_typed<TL, float>(args, stream);
+    }
+  });
   return cudaGetLastError();
 }
 

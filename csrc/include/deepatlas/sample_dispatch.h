@@ -50,6 +50,25 @@ void dispatch_modes(Interp interp, Padding padding, F&& f) {
   }
 }
 
+// f(TypeTag<label type>) for the supported integer label dtypes.
+template <typename F>
+void dispatch_label_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::UInt8:
+      f(TypeTag<uint8_t>{});
+      break;
+    case DType::Int16:
+      f(TypeTag<int16_t>{});
+      break;
+    case DType::Int32:
+      f(TypeTag<int32_t>{});
+      break;
+    default:
+      f(TypeTag<int64_t>{});
+      break;
+  }
+}
+
 // f(coords) with coords a GridCoords or DisplacementCoords view of args.coords.
 template <typename TC, typename I, typename F>
 void dispatch_coords(const SampleArgs& args, F&& f) {
