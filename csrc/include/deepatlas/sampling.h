@@ -107,7 +107,6 @@ DA_HD bool in_range(I i, I size) {
 // volume are flagged and given offset 0, so no caller ever forms an out-of-bounds address.
 template <typename acc_t, typename I>
 struct Trilinear {
-  I lo[3];
   acc_t w0[3];
   acc_t w1[3];
   I offset[8];    // spatial offset of each corner: z * stride_z + y * stride_y + x * stride_x
@@ -115,6 +114,7 @@ struct Trilinear {
   bool all_inside;  // the common case: no corner needs a bounds check
 
   DA_HD Trilinear(const acc_t c[3], const I size[3], const I stride[3]) {
+    I lo[3];
     I axis_offset[3][2];
     bool valid[3][2];
     for (int k = 0; k < 3; ++k) {
@@ -157,11 +157,11 @@ struct Trilinear {
 // The nearest voxel of a location (round half to even, as torch); offset 0 when outside.
 template <typename acc_t, typename I>
 struct Nearest {
-  I i[3];
   I offset;
   bool inside;
 
   DA_HD Nearest(const acc_t c[3], const I size[3], const I stride[3]) {
+    I i[3];
     inside = true;
     for (int k = 0; k < 3; ++k) {
       i[k] = static_cast<I>(da_nearbyint(c[k]));

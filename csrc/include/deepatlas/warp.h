@@ -162,28 +162,6 @@ DA_HD void sample_backward_coords_point(const Coords& coords, const Volume<const
   coords.write_grad(grad_coords, q, g);
 }
 
-// The range [first, last] of input z indices that the backward scatter of point q writes; first > last when it
-// writes nothing (the location is outside the volume).
-template <typename acc_t, typename Coords, typename I>
-DA_HD void sample_input_z_range(const Coords& coords, const I size[3], const I stride[3], const Point<I>& q,
-                                Interp interp, Padding padding, I* first, I* last) {
-  const Location<acc_t, I> loc = locate<acc_t>(coords, q, size, padding);
-  *first = size[0];
-  *last = -1;
-  if (interp == Interp::Nearest) {
-    const Nearest<acc_t, I> s(loc.c, size, stride);
-    if (s.inside) *first = *last = s.i[0];
-    return;
-  }
-  const Trilinear<acc_t, I> t(loc.c, size, stride);
-  for (int k = 0; k < 8; ++k) {
-    if (!t.inside[k]) continue;
-    const I z = t.lo[0] + (k >> 2);
-    *first = z < *first ? z : *first;
-    *last = z > *last ? z : *last;
-  }
-}
-
 // Scatter grad_out[n, c, q] for channels [ch_begin, ch_end) into grad_input through add(pointer, value): plain
 // addition on the CPU (each thread owns whole input planes), atomicAdd on CUDA.
 template <typename acc_t, typename Coords, typename TIn, typename TAcc, typename I, typename Add>
