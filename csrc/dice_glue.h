@@ -13,8 +13,8 @@ inline DiceArgs make_dice_args(const at::Tensor& source, const at::Tensor& ddf, 
   constexpr const char* op = "deepatlas.warped_dice";
   check_label_inputs(op, source, ddf);
   check_label_range(op, source, num_classes);
-  TORCH_CHECK(target.dim() == 5 && target.size(0) == ddf.size(0), op, ": target must be [N, 1 or K, D, H, W] with N = ",
-              ddf.size(0), ", got ", target.sizes());
+  TORCH_CHECK(target.dim() == 5 && target.size(0) == ddf.size(0), op,
+              ": target must be [N, 1 or K, D, H, W] with N = ", ddf.size(0), ", got ", target.sizes());
   TORCH_CHECK(target.device() == ddf.device(), op, ": target must be on ", ddf.device(), ", got ", target.device());
   for (int k = 2; k < 5; ++k) {
     TORCH_CHECK(target.size(k) == ddf.size(k), op, ": target spatial shape ", target.sizes().slice(2),

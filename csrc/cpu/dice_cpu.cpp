@@ -73,16 +73,9 @@ void run_typed(const DiceArgs& a) {
 
 struct CpuDiceRunner {
   static void run_dice(const DiceArgs& a, c10::Device /*device*/) {
-    dispatch_index(a.sample.index64, [&](auto index_tag) {
-      using I = typename decltype(index_tag)::type;
-      dispatch_label_dtype(a.sample.input.dtype, [&](auto label_tag) {
-        using TL = typename decltype(label_tag)::type;
-        if (a.sample.coords.dtype == DType::Float64) {
-          run_typed<TL, double, I>(a);
-        } else {
-          run_typed<TL, float, I>(a);
-        }
-      });
+    dispatch_label_types(a.sample, [&](auto label_tag, auto float_tag, auto index_tag) {
+      run_typed<typename decltype(label_tag)::type, typename decltype(float_tag)::type,
+                typename decltype(index_tag)::type>(a);
     });
   }
 };

@@ -88,28 +88,21 @@ void launch_with_target(const DiceArgs& a, const Target& target, cudaStream_t st
   });
 }
 
-template <typename TL, typename T>
+template <typename TL, typename T, typename I>
 void launch_typed(const DiceArgs& a, cudaStream_t stream) {
-  dispatch_index(a.sample.index64, [&](auto index_tag) {
-    using I = typename decltype(index_tag)::type;
-    if (a.target_is_labels) {
-      launch_with_target<TL, T, I>(a, LabelTarget<TL, I>{make_volume<const TL, I>(a.target)}, stream);
-    } else {
-      launch_with_target<TL, T, I>(a, ProbTarget<T, I>{make_volume<const T, I>(a.target)}, stream);
-    }
-  });
+  if (a.target_is_labels) {
+    launch_with_target<TL, T, I>(a, LabelTarget<TL, I>{make_volume<const TL, I>(a.target)}, stream);
+  } else {
+    launch_with_target<TL, T, I>(a, ProbTarget<T, I>{make_volume<const T, I>(a.target)}, stream);
+  }
 }
 
 }  // namespace
 
 cudaError_t launch_dice(const DiceArgs& args, cudaStream_t stream) {
-  dispatch_label_dtype(args.sample.input.dtype, [&](auto label_tag) {
-    using TL = typename decltype(label_tag)::type;
-    if (args.sample.coords.dtype == DType::Float64) {
-      launch_typed<TL, double>(args, stream);
-    } else {
-      launch_typed<TL, float>(args, stream);
-    }
+  dispatch_label_types(args.sample, [&](auto label_tag, auto float_tag, auto index_tag) {
+    launch_typed<typename decltype(label_tag)::type, typename decltype(float_tag)::type,
+                 typename decltype(index_tag)::type>(args, stream);
   });
   return cudaGetLastError();
 }

@@ -35,38 +35,31 @@ __global__ void labels_kernel(Coords coords, Volume<const TL, I> labels, Volume<
   }
 }
 
-template <typename TL, typename T>
+template <typename TL, typename T, typename I>
 void launch_typed(const LabelArgs& a, cudaStream_t stream) {
   using acc_t = typename AccType<T>::type;
   const SampleArgs& s = a.sample;
   const int64_t needed = (s.num_points() + kThreads - 1) / kThreads;
   const int blocks = static_cast<int>(std::min<int64_t>(std::max<int64_t>(needed, 1), 65535 * 8));
-  dispatch_index(s.index64, [&](auto index_tag) {
-    using I = typename decltype(index_tag)::type;
-    const Shape<I> shape{static_cast<I>(s.out_size[0]), static_cast<I>(s.out_size[1]),
-                         static_cast<I>(s.out_size[2]), s.num_points()};
-    const bool nearest = a.op == LabelOp::Nearest;
-    const bool soft = a.op == LabelOp::Soft;
-    dispatch_coords<T, I>(s, [&](const auto& coords) {
-      labels_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-          coords, make_volume<const TL, I>(s.input), make_volume<TL, I>(nearest ? s.output : TensorArg{}),
-          make_volume<T, I>(soft ? s.output : TensorArg{}),
-          make_volume<const T, I>(!nearest && !soft ? s.output : TensorArg{}), make_volume<T, I>(s.grad_coords),
-          shape, a.op, static_cast<TL>(a.fill));
-    });
+  const Shape<I> shape{static_cast<I>(s.out_size[0]), static_cast<I>(s.out_size[1]), static_cast<I>(s.out_size[2]),
+                       s.num_points()};
+  const bool nearest = a.op == LabelOp::Nearest;
+  const bool soft = a.op == LabelOp::Soft;
+  dispatch_coords<T, I>(s, [&](const auto& coords) {
+    labels_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
+        coords, make_volume<const TL, I>(s.input), make_volume<TL, I>(nearest ? s.output : TensorArg{}),
+        make_volume<T, I>(soft ? s.output : TensorArg{}),
+        make_volume<const T, I>(!nearest && !soft ? s.output : TensorArg{}), make_volume<T, I>(s.grad_coords),
+        shape, a.op, static_cast<TL>(a.fill));
   });
 }
 
 }  // namespace
 
 cudaError_t launch_labels(const LabelArgs& args, cudaStream_t stream) {
-  dispatch_label_dtype(args.sample.input.dtype, [&](auto label_tag) {
-    using TL = typename decltype(label_tag)::type;
-    if (args.sample.coords.dtype == DType::Float64) {
-      launch_typed<TL, double>(args, stream);
-    } else {
-      launch_typed<TL, float>(args, stream);
-    }
+  dispatch_label_types(args.sample, [&](auto label_tag, auto float_tag, auto index_tag) {
+    launch_typed<typename decltype(label_tag)::type, typename decltype(float_tag)::type,
+                 typename decltype(index_tag)::type>(args, stream);
   });
   return cudaGetLastError();
 }

@@ -6,7 +6,16 @@
 
 namespace deepatlas {
 
-enum class DType : int { Float16 = 0, BFloat16 = 1, Float32 = 2, Float64 = 3, UInt8 = 4, Int16 = 5, Int32 = 6, Int64 = 7 };
+enum class DType : int {
+  Float16 = 0,
+  BFloat16 = 1,
+  Float32 = 2,
+  Float64 = 3,
+  UInt8 = 4,  // UInt8 .. Int64: integer label maps
+  Int16 = 5,
+  Int32 = 6,
+  Int64 = 7,
+};
 enum class Interp : int { Bilinear = 0, Nearest = 1 };
 enum class Padding : int { Zeros = 0, Border = 1, Reflection = 2 };
 

@@ -69,6 +69,21 @@ void dispatch_label_dtype(DType dtype, F&& f) {
   }
 }
 
+// f(TypeTag<label>, TypeTag<float type>, TypeTag<index>) for the label ops: integer labels in args.input, a
+// float32 / float64 ddf in args.coords.
+template <typename F>
+void dispatch_label_types(const SampleArgs& args, F&& f) {
+  dispatch_index(args.index64, [&](auto index_tag) {
+    dispatch_label_dtype(args.input.dtype, [&](auto label_tag) {
+      if (args.coords.dtype == DType::Float64) {
+        f(label_tag, TypeTag<double>{}, index_tag);
+      } else {
+        f(label_tag, TypeTag<float>{}, index_tag);
+      }
+    });
+  });
+}
+
 // f(coords) with coords a GridCoords or DisplacementCoords view of args.coords.
 template <typename TC, typename I, typename F>
 void dispatch_coords(const SampleArgs& args, F&& f) {
