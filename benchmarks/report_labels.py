@@ -1,6 +1,7 @@
 """Side-by-side report for the label, Dice and Jacobian ops against the plain-PyTorch way (deepatlas_cuda.reference).
 
-    python benchmarks/report_labels.py [--sizes 128 full] [--threads 2] [--repeats 3] [--no-peak] [--out FILE]
+    python benchmarks/report_labels.py [--sizes 128 full] [--cases ...] [--threads 2] [--repeats 3] [--no-peak]
+                                       [--out FILE]
 
 Cases (batch 1, smooth displacement from cases.py, random integer labels):
   soft K      warp_labels(mode='soft')    vs one-hot + F.grid_sample            forward, and fwd+bwd (grad ddf)
@@ -111,6 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", nargs="+", default=["128", "full"], choices=["64", "128", "full"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--no-peak", action="store_true")
     parser.add_argument("--out")
     parser.add_argument("--child", nargs=3, metavar=("CASE", "IMPL", "SIZE"), help=argparse.SUPPRESS)
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
              "|---|---|---:|---:|---:|---:|---:|"]
     for size in args.sizes:
         shape = cases.size_shape(size)
-        for case in CASES:
+        for case in args.cases:
             inputs = make_inputs(case, shape)
             times = time_pair(case, inputs, args.repeats)
             del inputs

@@ -4,6 +4,7 @@
 // point.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -33,16 +34,18 @@ void run_with_target(const DiceArgs& a, const Target& target) {
       const int64_t width = 3 * a.classes;
       std::vector<double> partial(s.batch * chunks * width, 0.0);
       at::parallel_for(0, s.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<double> sums(width);  // this thread's own buffer: no false sharing between chunks
         for (int64_t item = begin; item < end; ++item) {
           const int64_t n = item / chunks, chunk = item % chunks;
-          double* sums = partial.data() + item * width;
+          std::fill(sums.begin(), sums.end(), 0.0);
           for (int64_t row = chunk * kRowsPerChunk; row < std::min(rows, (chunk + 1) * kRowsPerChunk); ++row) {
             Point<I> q{static_cast<I>(n), static_cast<I>(row / s.out_size[1]), static_cast<I>(row % s.out_size[1]),
                        0};
             for (; q.x < s.out_size[2]; ++q.x) {
-              warped_dice_point<acc_t>(coords, source, target, q, classes, sums, PlainAdd{});
+              warped_dice_point<acc_t>(coords, source, target, q, classes, sums.data(), PlainAdd{});
             }
           }
+          std::copy(sums.begin(), sums.end(), partial.begin() + item * width);
         }
       });
       for (int64_t n = 0; n < s.batch; ++n) {
