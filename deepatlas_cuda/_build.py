@@ -25,9 +25,8 @@ from pathlib import Path
 DEFAULT_ARCHS = ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 
 CPU_SOURCES = ("ops.cpp", "cpu/sample_cpu.cpp", "cpu/labels_cpu.cpp", "cpu/jacobian_cpu.cpp", "cpu/dice_cpu.cpp")
-CUDA_SOURCES = ("cuda/sample_kernels.cu", "cuda/sample_cuda.cpp", "cuda/labels_kernels.cu",
-                "cuda/labels_cuda.cpp", "cuda/jacobian_kernels.cu", "cuda/jacobian_cuda.cpp", "cuda/dice_kernels.cu",
-                "cuda/dice_cuda.cpp")
+CUDA_SOURCES = ("cuda/sample_kernels.cu", "cuda/labels_kernels.cu", "cuda/jacobian_kernels.cu",
+                "cuda/dice_kernels.cu", "cuda/ops_cuda.cpp")
 
 NVCC_JOB_GB = 2.5  # peak resident memory of one nvcc job on these kernels, rounded up
 
