@@ -6,6 +6,7 @@
 #pragma once
 
 #include "deepatlas/dtype.h"
+#include "deepatlas/labels.h"
 #include "deepatlas/sampling.h"
 #include "deepatlas/volume.h"
 #include "deepatlas/warp.h"
@@ -53,9 +54,8 @@ DA_HD void warped_dice_point(const Coords& coords, const Volume<const TL, I>& so
   const Trilinear<acc_t, I> t(loc.c, geo.size, geo.stride);
   const TL* base = source.data + input_batch(q.n, source.size[0]) * source.stride[0];
   for (int corner = 0; corner < 8; ++corner) {
-    if (!t.inside[corner]) continue;
-    const int64_t label = static_cast<int64_t>(base[t.offset[corner]]);
-    if (label < 0 || label >= classes) continue;
+    const int64_t label = corner_label(t, base, corner, classes);
+    if (label < 0) continue;
     const acc_t w = t.weight(corner);
     add(&sums[label], w * target.template prob<acc_t>(q, label));
     add(&sums[classes + label], w);
@@ -84,9 +84,8 @@ DA_HD void warped_dice_backward_point(const Coords& coords, const Volume<const T
   acc_t v[8];
   for (int corner = 0; corner < 8; ++corner) {
     v[corner] = 0;
-    if (!t.inside[corner]) continue;
-    const int64_t label = static_cast<int64_t>(base[t.offset[corner]]);
-    if (label < 0 || label >= classes) continue;
+    const int64_t label = corner_label(t, base, corner, classes);
+    if (label < 0) continue;
     v[corner] = g_i[label] * target.template prob<acc_t>(q, label) + g_a[label];
     if (target_grad != nullptr) {
       TG* cell = target_grad + label * grad_target.stride[1];

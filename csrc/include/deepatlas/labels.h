@@ -12,6 +12,14 @@
 
 namespace deepatlas {
 
+// The label at a trilinear corner, or -1 when the corner is outside the volume or its label outside [0, classes).
+template <typename acc_t, typename TL, typename I>
+DA_HD int64_t corner_label(const Trilinear<acc_t, I>& t, const TL* base, int corner, I classes) {
+  if (!t.inside[corner]) return -1;
+  const int64_t label = static_cast<int64_t>(base[t.offset[corner]]);
+  return label < classes ? label : -1;  // negative labels are already < 0
+}
+
 template <typename acc_t, typename Coords, typename TL, typename I>
 DA_HD void warp_labels_nearest_point(const Coords& coords, const Volume<const TL, I>& labels,
                                      const Volume<TL, I>& out, const Point<I>& q, TL fill) {
@@ -33,9 +41,8 @@ DA_HD void warp_labels_soft_point(const Coords& coords, const Volume<const TL, I
   const Trilinear<acc_t, I> t(loc.c, geo.size, geo.stride);
   const TL* base = labels.data + input_batch(q.n, labels.size[0]) * labels.stride[0];
   for (int corner = 0; corner < 8; ++corner) {
-    if (!t.inside[corner]) continue;
-    const int64_t label = static_cast<int64_t>(base[t.offset[corner]]);
-    if (label < 0 || label >= classes) continue;
+    const int64_t label = corner_label(t, base, corner, classes);
+    if (label < 0) continue;
     TO* cell = dst + label * out.stride[1];
     *cell = from_acc<TO>(to_acc<acc_t>(*cell) + t.weight(corner));
   }
@@ -55,10 +62,8 @@ DA_HD void warp_labels_soft_backward_point(const Coords& coords, const Volume<co
   const TL* base = labels.data + input_batch(q.n, labels.size[0]) * labels.stride[0];
   acc_t v[8];
   for (int corner = 0; corner < 8; ++corner) {
-    v[corner] = 0;
-    if (!t.inside[corner]) continue;
-    const int64_t label = static_cast<int64_t>(base[t.offset[corner]]);
-    if (label >= 0 && label < classes) v[corner] = to_acc<acc_t>(go[label * grad_out.stride[1]]);
+    const int64_t label = corner_label(t, base, corner, classes);
+    v[corner] = label < 0 ? acc_t(0) : to_acc<acc_t>(go[label * grad_out.stride[1]]);
   }
   acc_t g[3];
   t.gradient(v, g);
