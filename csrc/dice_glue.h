@@ -8,11 +8,13 @@
 
 namespace deepatlas {
 
+// check_ranges scans both label maps (and syncs on CUDA): done in the forward only; the kernels skip out-of-range
+// labels in any case, so a direct backward call cannot read or write out of bounds.
 inline DiceArgs make_dice_args(const at::Tensor& source, const at::Tensor& ddf, const at::Tensor& target,
-                               int64_t num_classes) {
+                               int64_t num_classes, bool check_ranges) {
   constexpr const char* op = "deepatlas.warped_dice";
   check_label_inputs(op, source, ddf);
-  check_label_range(op, source, num_classes);
+  if (check_ranges) check_label_range(op, source, num_classes);
   TORCH_CHECK(target.dim() == 5 && target.size(0) == ddf.size(0), op,
               ": target must be [N, 1 or K, D, H, W] with N = ", ddf.size(0), ", got ", target.sizes());
   TORCH_CHECK(target.device() == ddf.device(), op, ": target must be on ", ddf.device(), ", got ", target.device());
@@ -26,7 +28,7 @@ inline DiceArgs make_dice_args(const at::Tensor& source, const at::Tensor& ddf, 
     TORCH_CHECK(target.size(1) == 1 && target.scalar_type() == source.scalar_type(), op,
                 ": label targets must be [N, 1, D, H, W] with the source's dtype ", source.scalar_type(), ", got ",
                 target.sizes(), " ", target.scalar_type());
-    check_label_range(op, target, num_classes);
+    if (check_ranges) check_label_range(op, target, num_classes);
   } else {
     TORCH_CHECK(target.size(1) == num_classes && target.scalar_type() == ddf.scalar_type(), op,
                 ": probability targets must be [N, num_classes=", num_classes, ", D, H, W] with the ddf's dtype ",
@@ -42,7 +44,7 @@ template <typename Runner>
 struct DiceOps {
   static at::Tensor sums(const at::Tensor& source, const at::Tensor& ddf, const at::Tensor& target,
                          int64_t num_classes) {
-    DiceArgs a = make_dice_args(source, ddf, target, num_classes);
+    DiceArgs a = make_dice_args(source, ddf, target, num_classes, /*check_ranges=*/true);
     at::Tensor out = at::zeros({ddf.size(0), 3, num_classes}, ddf.options().dtype(at::kDouble));
     a.sums = out.data_ptr<double>();
     a.sample.index64 = needs_index64({source, ddf, target});
@@ -53,7 +55,7 @@ struct DiceOps {
   static std::tuple<at::Tensor, at::Tensor> sums_backward(const at::Tensor& grad_sums, const at::Tensor& source,
                                                           const at::Tensor& ddf, const at::Tensor& target,
                                                           int64_t num_classes, std::array<bool, 2> output_mask) {
-    DiceArgs a = make_dice_args(source, ddf, target, num_classes);
+    DiceArgs a = make_dice_args(source, ddf, target, num_classes, /*check_ranges=*/false);
     TORCH_CHECK(grad_sums.sizes() == at::IntArrayRef({ddf.size(0), 3, num_classes}),
                 "deepatlas.warped_dice: grad_sums must be [N, 3, K], got ", grad_sums.sizes());
     const at::Tensor g = grad_sums.to(ddf.device(), at::kDouble).contiguous();
