@@ -1,0 +1,270 @@
+"""The ``deepatlas`` command line: demo, train, compare, evaluate, register, segment, bench, info."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig, read_mapping
+
+log = logging.getLogger("deepatlas")
+
+
+# ---- config flags ------------------------------------------------------------------------------------------------
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` plus one flag per TrainConfig field (``--reg-pretrain-steps 300``); flags override the
+    file, the file overrides the defaults."""
+    parser.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig fields")
+    group = parser.add_argument_group("config fields (see docs/model.md)")
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS,
+                                  "help": f"default: {default!r}"}
+        if isinstance(default, dict):
+            group.add_argument(flag, type=json.loads, metavar="JSON", **kwargs)
+        elif isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(default, tuple):
+            group.add_argument(flag, type=int, nargs="+", metavar="N", **kwargs)
+        else:
+            group.add_argument(flag, type=type(default), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
+    values: dict[str, Any] = dict(base or {})
+    if getattr(args, "config", None) is not None:
+        values.update(read_mapping(args.config))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values)
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .run import prepare_data, run_method
+    config = config_from_args(args)
+    with _distributed(config) as config:
+        result = run_method(config, prepare_data(config), config.output, progress=not args.no_progress)
+    _report([result], args.json)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .run import compare
+    config = config_from_args(args)
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    results = compare(config, methods, progress=not args.no_progress)
+    _report(results, args.json)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    results = run_demo(args.output, preset=args.preset, data=args.data, device=args.device, seed=args.seed,
+                       progress=not args.no_progress, figures=not args.no_figures)
+    _report(results, args.json)
+    if not args.json:
+        print(f"\noutputs and figures in {args.output}/")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .inference import evaluate_runs
+    _report(evaluate_runs(args.run, device=args.device), args.json)
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from .inference import register_files
+    written = register_files(args.model, args.moving, args.fixed, args.output, moving_label=args.moving_label,
+                             device=args.device)
+    _print_written(written, args.json)
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .inference import segment_file
+    written = segment_file(args.model, args.image, args.output, device=args.device)
+    _print_written(written, args.json)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_table
+    rows, table = bench_table(size=args.size, repeats=args.repeats, device=args.device)
+    print(json.dumps({"results": rows}) if args.json else table)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import deepatlas_cuda
+
+    from . import __version__
+    info = {"deepatlas": __version__, **deepatlas_cuda.build_info(), "torch_threads": torch.get_num_threads(),
+            "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                                  for i in range(torch.cuda.device_count())]}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _report(results: list[dict[str, Any]], as_json: bool) -> None:
+    from .run import results_table
+    if as_json:
+        print(json.dumps({"results": [_jsonable(r) for r in results]}))
+    else:
+        print(results_table(results))
+
+
+def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in result.items()}
+
+
+def _print_written(written: dict[str, Path], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({k: str(v) for k, v in written.items()}))
+    else:
+        for key, path in written.items():
+            print(f"{key:>10}: {path}")
+
+
+class _distributed:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1): gloo on the CPU, NCCL on CUDA
+    with one GPU per process (LOCAL_RANK); tear it down afterwards."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.started = False
+
+    def __enter__(self) -> TrainConfig:
+        import os
+
+        import torch
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return self.config
+        cuda = self.config.device.startswith("cuda")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        self.started = True
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return dataclasses.replace(self.config, device=f"cuda:{local}")
+        return self.config
+
+    def __exit__(self, *exc) -> None:
+        import torch
+        if self.started:
+            torch.distributed.destroy_process_group()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepatlas", description="DeepAtlas joint registration + segmentation "
+                                     "(Xu & Niethammer, MICCAI 2019) on the deepatlas_cuda ops.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    demo = command("demo", cmd_demo, "train the independent baselines and DeepAtlas (one-shot) on embedded data, "
+                                     "print the comparison, write outputs and figures")
+    demo.add_argument("--output", type=Path, default=Path("deepatlas-demo"), help="output folder")
+    speed = demo.add_mutually_exclusive_group()
+    speed.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                       help="under a minute on a 2-core CPU (a smoke test, not real results)")
+    speed.add_argument("--long", dest="preset", action="store_const", const="long",
+                       help="a longer setting for real results (about an hour on a 2-core CPU)")
+    demo.set_defaults(preset="default")
+    demo.add_argument("--data", choices=["synthetic", "mni"], default="synthetic",
+                      help="synthetic anatomy, or the MNI152 template from the installed nilearn package")
+    _common(demo, seed=True, json_flag=True, progress=True)
+    demo.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+
+    train = command("train", cmd_train, "train one method (config file and/or flags); resumes from the output "
+                                        "folder's checkpoint when there is one; runs under torchrun for DDP")
+    add_config_flags(train)
+    _common(train, json_flag=True, progress=True, device=False)
+
+    compare = command("compare", cmd_compare, "train the independent baselines and the joint model on the same "
+                                              "data and compare them (one folder per method under --output)")
+    add_config_flags(compare)
+    compare.add_argument("--methods", default="reg_only,seg_only,joint",
+                         help="comma-separated: joint, reg_only, reg_anatomy, seg_only")
+    _common(compare, json_flag=True, progress=True, device=False)
+
+    evaluate = command("evaluate", cmd_evaluate, "evaluate trained model(s) on the test split of their data")
+    evaluate.add_argument("run", type=Path, help="a model.pt, a run folder, or a compare/demo folder")
+    _common(evaluate, json_flag=True)
+
+    register = command("register", cmd_register, "register MOVING to FIXED: warped image (+ labels), DDF and "
+                                                  "Jacobian-determinant map as NIfTI with the fixed image's affine")
+    register.add_argument("moving", type=Path)
+    register.add_argument("fixed", type=Path)
+    register.add_argument("--model", type=Path, required=True, help="model.pt of a training run")
+    register.add_argument("--moving-label", type=Path, help="label map of MOVING, warped with nearest neighbour")
+    register.add_argument("--output", type=Path, default=Path("registered"), help="output folder")
+    _common(register, json_flag=True)
+
+    segment = command("segment", cmd_segment, "segment IMAGE with a trained model -> label map NIfTI")
+    segment.add_argument("image", type=Path)
+    segment.add_argument("--model", type=Path, required=True, help="model.pt of a training run")
+    segment.add_argument("--output", type=Path, default=Path("segmentation.nii.gz"))
+    _common(segment, json_flag=True)
+
+    bench = command("bench", cmd_bench, "time the ops against the plain-PyTorch way (markdown table of ratios)")
+    bench.add_argument("--size", type=int, default=96, help="cube edge of the benchmark volume")
+    bench.add_argument("--repeats", type=int, default=5)
+    _common(bench, json_flag=True)
+
+    info = command("info", cmd_info, "build information of deepatlas_cuda and the devices torch sees")
+    info.add_argument("--json", action="store_true", help="one JSON object")
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser, seed: bool = False, json_flag: bool = False, progress: bool = False,
+            device: bool = True) -> None:
+    if device:
+        parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print one JSON object with a 'results' list")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
+        if args.log_level == "DEBUG":
+            raise
+        print(f"deepatlas {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

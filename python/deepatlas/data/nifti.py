@@ -1,0 +1,258 @@
+"""NIfTI input / output: a folder (images/, labels/) or a CSV / JSON manifest -> preprocessed, cached Subjects.
+
+Files are read by a torch DataLoader (``num_workers`` processes); with ``cache_dir`` each preprocessed subject is
+stored as an .npz keyed by the files' paths, modification times and sizes and the preprocessing settings, so a
+second load skips reading and preprocessing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from .preprocess import Preprocess, normalise_intensity
+from .subject import SPLITS, Subject
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def strip_nifti_suffix(name: str) -> str | None:
+    """File name without .nii / .nii.gz, or None when it is not a NIfTI name."""
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, header: object | None = None) -> None:
+    """Write ``array`` [D, H, W] with ``affine`` as NIfTI-1 (.nii or .nii.gz, from the name), atomically: a temporary
+    file in the same folder, then os.replace. Floats are stored as float32, integers as int16 (int32 when the values
+    do not fit), booleans as uint8; the affine goes to both sform and qform (code 'scanner')."""
+    path = Path(path)
+    if strip_nifti_suffix(path.name) is None:
+        raise ValueError(f"save_nifti: path {path} must end in .nii or .nii.gz")
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        fits = array.size == 0 or (array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(np.int16).max)
+        array = array.astype(np.int16 if fits else np.int32)
+    else:
+        array = array.astype(np.float32)
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64), header=header)
+    image.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(1.0, 0.0)
+    image.set_sform(affine, code="scanner")
+    image.set_qform(affine, code="scanner")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        nib.save(image, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, object]:
+    """(array [D, H, W], affine float64, header) of one NIfTI file; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"NIfTI file not found: {path}")
+    try:
+        image = nib.load(str(path))
+        array = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel's ImageFileError, gzip's EOFError / BadGzipFile, zlib.error, OSError
+        raise ValueError(f"cannot read NIfTI file {path}: {type(error).__name__}: {error}") from None
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ValueError(f"{path}: expected a 3-D volume (or 4-D with a trailing dimension of 1), "
+                         f"got shape {array.shape}")
+    return array, np.asarray(image.affine, dtype=np.float64), image.header
+
+
+def check_label_values(label: np.ndarray, path: Path) -> np.ndarray:
+    """The label map as int64; non-finite, non-integer or negative values are errors naming ``path``."""
+    if not np.issubdtype(label.dtype, np.integer):
+        if not np.all(np.isfinite(label)):
+            raise ValueError(f"label file {path} holds NaN / infinite values")
+        fractional = label[label != np.round(label)]
+        if fractional.size:
+            raise ValueError(f"label file {path} holds non-integer values (e.g. {fractional.flat[0]!r}); labels "
+                             f"must be whole numbers")
+    label = label.astype(np.int64)
+    if label.size and label.min() < 0:
+        raise ValueError(f"label file {path} holds negative values (min {label.min()}); labels must be >= 0")
+    return label
+
+
+@dataclass
+class Entry:
+    """One subject to load: its files, split and name."""
+
+    image: Path
+    label: Path | None
+    split: str
+    name: str
+
+
+def load_entry(entry: Entry, preprocess: Preprocess | None) -> Subject:
+    """Read, check and preprocess one entry (no caching)."""
+    image, affine, header = read_volume(entry.image)
+    label = None
+    if entry.label is not None:
+        raw_label, label_affine, _ = read_volume(entry.label)
+        if raw_label.shape != image.shape:
+            raise ValueError(f"shape mismatch: image {entry.image} has shape {image.shape} but label {entry.label} "
+                             f"has {raw_label.shape}")
+        if not np.allclose(label_affine, affine, atol=1e-4):
+            raise ValueError(f"affine mismatch between image {entry.image} and label {entry.label}:\n{affine}\n"
+                             f"vs\n{label_affine}")
+        label = check_label_values(raw_label, entry.label)
+    image = image.astype(np.float32)
+    if preprocess is not None:
+        image, label, affine = preprocess.apply(image, label, affine, source=str(entry.label or entry.image))
+    else:  # the Subject contract still wants intensities in [0, 1]
+        image = normalise_intensity(image, None)
+    return Subject(entry.name, image, label, affine, entry.split, header)
+
+
+def file_stamp(path: Path | None) -> str:
+    if path is None:
+        return "none"
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def cache_path(entry: Entry, preprocess: Preprocess | None, cache_dir: Path) -> Path:
+    """The .npz holding this entry's preprocessed arrays (the key changes when a file or the settings change)."""
+    settings = "raw" if preprocess is None else preprocess.digest()
+    key = hashlib.sha1("|".join([file_stamp(entry.image), file_stamp(entry.label), settings]).encode())
+    return cache_dir / f"{entry.name}-{key.hexdigest()[:20]}.npz"
+
+
+def load_cached(entry: Entry, preprocess: Preprocess | None, cache_dir: Path | None) -> Subject:
+    """``load_entry`` through the cache: read the .npz when present, otherwise load and write it atomically."""
+    if cache_dir is None:
+        return load_entry(entry, preprocess)
+    for path in (entry.image, entry.label):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"NIfTI file not found: {path}")
+    target = cache_path(entry, preprocess, cache_dir)
+    if target.is_file():
+        with np.load(target) as stored:
+            label = stored["label"] if bool(stored["labelled"]) else None
+            image, affine = stored["image"], stored["affine"]
+        header = nib.load(str(entry.image)).header  # reads the header only
+        return Subject(entry.name, image, label, affine, entry.split, header)
+    subject = load_entry(entry, preprocess)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=cache_dir)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, image=subject.image, affine=subject.affine, labelled=subject.labelled,
+                     label=subject.label if subject.labelled else np.zeros(0, np.int64))
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return subject
+
+
+class EntryDataset(Dataset):
+    """Map-style dataset over entries, so a DataLoader can read files in worker processes."""
+
+    def __init__(self, entries: list[Entry], preprocess: Preprocess | None, cache_dir: Path | None):
+        self.entries, self.preprocess, self.cache_dir = entries, preprocess, cache_dir
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Subject:
+        return load_cached(self.entries[index], self.preprocess, self.cache_dir)
+
+
+def first_item(batch: list[Subject]) -> Subject:
+    """Collate function for batch_size=1: the subject itself, not a batch."""
+    return batch[0]
+
+
+def load_entries(entries: list[Entry], preprocess: Preprocess | None, cache_dir, num_workers: int, source: str
+                 ) -> list[Subject]:
+    if not entries:
+        raise ValueError(f"{source}: empty dataset (no images found)")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    dataset = EntryDataset(entries, preprocess, None if cache_dir is None else Path(cache_dir))
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=first_item)
+    return list(loader)
+
+
+def load_folder(root: str | os.PathLike, preprocess: Preprocess | None = None, cache_dir=None,
+                num_workers: int = 0) -> list[Subject]:
+    """Subjects from ``root/images/*.nii[.gz]``; a label is ``root/labels/<same file name>`` when it exists (any
+    subset of the images may be labelled). All subjects get split "train"."""
+    root = Path(root)
+    image_dir, label_dir = root / "images", root / "labels"
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"load_folder: {image_dir} does not exist (expected {root}/images/ and optionally "
+                                f"{root}/labels/)")
+    images = sorted(p for p in image_dir.iterdir() if strip_nifti_suffix(p.name) is not None)
+    labels = {p.name: p for p in label_dir.iterdir()} if label_dir.is_dir() else {}
+    orphans = sorted(set(n for n in labels if strip_nifti_suffix(n) is not None) - {p.name for p in images})
+    if orphans:
+        raise ValueError(f"load_folder: label file(s) {[str(label_dir / n) for n in orphans]} have no image of the "
+                         f"same name in {image_dir}")
+    entries = [Entry(p, labels.get(p.name), "train", strip_nifti_suffix(p.name)) for p in images]
+    return load_entries(entries, preprocess, cache_dir, num_workers, f"load_folder({root})")
+
+
+def manifest_rows(path: Path) -> list[dict]:
+    """The rows of a CSV (header image,label,split) or JSON (list of objects) manifest."""
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="") as stream:
+                rows = list(csv.DictReader(stream))
+        elif path.suffix.lower() == ".json":
+            rows = json.loads(path.read_text())
+        else:
+            raise ValueError(f"manifest {path} must be a .csv or .json file")
+    except OSError as error:
+        raise FileNotFoundError(f"cannot read manifest {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"manifest {path} is not valid JSON: {error}") from None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"manifest {path} must hold a list of objects with keys image, label, split")
+    return rows
+
+
+def load_manifest(path: str | os.PathLike, preprocess: Preprocess | None = None, cache_dir=None,
+                  num_workers: int = 0) -> list[Subject]:
+    """Subjects listed in a manifest: CSV with columns image,label,split (label and split optional / may be empty)
+    or a JSON list of {"image": ..., "label": ..., "split": ...}. Relative paths are relative to the manifest."""
+    path = Path(path)
+    entries = []
+    for number, row in enumerate(manifest_rows(path), start=1):
+        if not row.get("image"):
+            raise ValueError(f"manifest {path}, entry {number}: missing 'image' (got keys {sorted(row)})")
+        split = (row.get("split") or "train").strip()
+        if split not in SPLITS:
+            raise ValueError(f"manifest {path}, entry {number}: split must be one of {list(SPLITS)}, got {split!r}")
+        image = path.parent / str(row["image"]).strip()
+        label = path.parent / str(row["label"]).strip() if row.get("label") else None
+        for file in (image, label):
+            if file is not None and not file.is_file():
+                raise FileNotFoundError(f"manifest {path}, entry {number}: file not found: {file}")
+        entries.append(Entry(image, label, split, strip_nifti_suffix(image.name) or image.stem))
+    return load_entries(entries, preprocess, cache_dir, num_workers, f"load_manifest({path})")

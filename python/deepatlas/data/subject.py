@@ -1,0 +1,72 @@
+"""The in-memory subject record shared by every data source, and batching of subjects into tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val", "test")
+
+LR_AXIS = 0
+"""After RAS reorientation the left-right axis is array axis 0 (D); the trainer flips this axis for augmentation."""
+
+
+@dataclass
+class Subject:
+    """One image, its optional label map, and where its voxels lie in the world.
+
+    ``image`` float32 ``[D, H, W]`` in [0, 1]; ``label`` int64 ``[D, H, W]`` with values in [0, K), or None when the
+    subject is unlabelled; ``affine`` float64 ``[4, 4]`` voxel -> world (mm); ``header`` the nibabel header when the
+    subject was read from a file.
+    """
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    split: str = "train"
+    header: object | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"subject {self.name!r}: split must be one of {list(SPLITS)}, got {self.split!r}")
+        if self.image.ndim != 3:
+            raise ValueError(f"subject {self.name!r}: image must be [D, H, W], got shape {self.image.shape}")
+        if self.label is not None and self.label.shape != self.image.shape:
+            raise ValueError(f"subject {self.name!r}: label shape {self.label.shape} differs from image shape "
+                             f"{self.image.shape}")
+        if np.shape(self.affine) != (4, 4):
+            raise ValueError(f"subject {self.name!r}: affine must be 4x4, got shape {np.shape(self.affine)}")
+
+    @property
+    def labelled(self) -> bool:
+        return self.label is not None
+
+
+def stack_subjects(subjects: Sequence[Subject]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch subjects: images ``[M, 1, D, H, W]`` float32, labels ``[M, 1, D, H, W]`` int64 (0 where unlabelled),
+    labelled bool ``[M]``. All subjects must share one shape (preprocess them to a common shape first)."""
+    if len(subjects) == 0:
+        raise ValueError("stack_subjects: got no subjects")
+    shape = subjects[0].image.shape
+    for subject in subjects:
+        if subject.image.shape != shape:
+            raise ValueError(f"stack_subjects: subject {subject.name!r} has shape {subject.image.shape} but "
+                             f"{subjects[0].name!r} has {shape}; resample or crop them to one shape "
+                             f"(Preprocess(shape=...))")
+    images = np.stack([s.image.astype(np.float32, copy=False) for s in subjects])[:, None]
+    labels = np.stack([s.label.astype(np.int64, copy=False) if s.labelled else np.zeros(shape, np.int64)
+                       for s in subjects])[:, None]
+    labelled = torch.tensor([s.labelled for s in subjects], dtype=torch.bool)
+    return torch.from_numpy(images), torch.from_numpy(labels), labelled
+
+
+def num_classes_of(subjects: Sequence[Subject]) -> int:
+    """Number of label classes K (background included): 1 + the largest label of any labelled subject."""
+    maxima = [int(s.label.max()) for s in subjects if s.labelled]
+    if not maxima:
+        raise ValueError("num_classes_of: no subject has a label map, so the number of classes is unknown")
+    return max(maxima) + 1

@@ -1,0 +1,137 @@
+"""From a config to results: load the data, train one method (or all of them side by side), evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import atomic_write
+from .config import TrainConfig
+from .evaluate import evaluate_registration, evaluate_segmentation
+from .pairs import Volumes
+from .trainer import Trainer
+
+log = logging.getLogger("deepatlas")
+
+TRAINS_REGISTRATION = ("joint", "reg_only", "reg_anatomy")
+TRAINS_SEGMENTATION = ("joint", "seg_only")
+
+
+@dataclass
+class Dataset:
+    """Training volumes (with the labels the method may use), labelled test volumes, and what describes them."""
+    train: Volumes
+    test_images: Tensor     # [T, 1, D, H, W] float32
+    test_labels: Tensor     # [T, 1, D, H, W] int64
+    num_classes: int
+    lr_axis: int
+    train_subjects: list
+    test_subjects: list
+
+
+def prepare_data(config: TrainConfig) -> Dataset:
+    """The data ``config.data`` names, split into train / test, with only ``config.num_labelled`` training label
+    maps kept (-1: all that exist)."""
+    from . import data
+
+    if config.data in ("synthetic", "mni"):
+        subjects = data.synthetic_subjects(config.num_train + config.num_test, shape=config.shape,
+                                           num_classes=config.num_classes, seed=config.data_seed, base=config.data)
+        train, test = subjects[:config.num_train], subjects[config.num_train:]
+    else:
+        subjects = data.load_dataset(config.data, preprocess=preprocess_of(config))
+        train = [s for s in subjects if s.split == "train"]
+        test = [s for s in subjects if s.split == "test" and s.label is not None]
+    if len(train) < 2:
+        raise ValueError(f"{config.data}: training needs at least 2 images (split 'train'), got {len(train)}")
+    num_classes = data.num_classes_of(subjects)
+    if config.data == "synthetic":
+        num_classes = max(num_classes, config.num_classes)
+    images, labels, labelled = data.stack_subjects(train)
+    labelled = _keep_first(labelled, config.num_labelled)
+    labels = torch.where(labelled.view(-1, 1, 1, 1, 1), labels, torch.zeros_like(labels))
+    if test:
+        test_images, test_labels, _ = data.stack_subjects(test)
+    else:
+        test_images = images.new_empty((0, *images.shape[1:]))
+        test_labels = labels.new_empty((0, *labels.shape[1:]))
+    return Dataset(Volumes(images, labels, labelled), test_images, test_labels, num_classes, data.LR_AXIS,
+                   train, test)
+
+
+def preprocess_of(config: TrainConfig):
+    """``config.preprocess`` as a :class:`deepatlas.data.Preprocess` (unset fields keep their defaults: RAS,
+    percentile normalisation, padding to a multiple of 16). Used for the training data and at inference."""
+    from .data import Preprocess
+    return Preprocess.from_dict(config.preprocess)
+
+
+def _keep_first(labelled: Tensor, count: int) -> Tensor:
+    if count < 0:
+        return labelled
+    keep = labelled.clone()
+    keep[labelled.cumsum(0) > count] = False
+    return keep
+
+
+def run_method(config: TrainConfig, dataset: Dataset, output: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train ``config.method`` into ``output`` (resuming from its checkpoint if there is one), evaluate on the
+    test set and write ``results.json``. Returns the results row."""
+    output = Path(output)
+    trainer = Trainer(config, dataset.train, dataset.num_classes, output=output, lr_axis=dataset.lr_axis,
+                      progress=progress)
+    if trainer.resume():
+        log.info("%s: resuming at step %d", config.method, trainer.step)
+    trainer.fit()
+    trainer.export_model()
+    result = {"method": config.method, "reg_dice": None, "seg_dice": None, "folding_pct": None,
+              "std_log_det": None}
+    device = trainer.device
+    images, labels = dataset.test_images.to(device), dataset.test_labels.to(device)
+    if images.shape[0] >= 2 and config.method in TRAINS_REGISTRATION:
+        result.update(evaluate_registration(trainer.reg_module, images, labels, dataset.num_classes,
+                                            config.eval_pairs))
+    if images.shape[0] >= 1 and config.method in TRAINS_SEGMENTATION:
+        result.update(evaluate_segmentation(trainer.seg_module, images, labels, dataset.num_classes))
+    rows = trainer.metrics
+    result["seconds"] = sum(row["seconds"] * row["steps"] for row in rows)
+    result["peak_mem_mb"] = max((row["peak_mem_mb"] for row in rows), default=0.0)
+    result["steps"] = trainer.step
+    if trainer.is_main:
+        atomic_write(output / "results.json", lambda h: h.write(json.dumps(result, indent=1).encode()))
+    return result
+
+
+def compare(config: TrainConfig, methods: tuple[str, ...] = ("reg_only", "seg_only", "joint"),
+            dataset: Dataset | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Train and evaluate each method on the same data and seed, each in ``config.output/<method>``."""
+    dataset = dataset if dataset is not None else prepare_data(config)
+    results = []
+    for method in methods:
+        start = time.perf_counter()
+        method_config = dataclasses.replace(config, method=method)
+        log.info("training %s", method)
+        result = run_method(method_config, dataset, Path(config.output) / method, progress=progress)
+        log.info("%s done in %.0f s", method, time.perf_counter() - start)
+        results.append(result)
+    return results
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of the comparison (one row per method)."""
+    def show(value, digits=3):
+        return "—" if value is None else f"{value:.{digits}f}"
+    lines = ["| method | reg Dice | seg Dice | % folding | time (s) | peak memory (MB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['method']} | {show(r['reg_dice'])} | {show(r['seg_dice'])} | "
+                     f"{show(r['folding_pct'], 3)} | {show(r['seconds'], 0)} | {show(r['peak_mem_mb'], 0)} |")
+    return "\n".join(lines)

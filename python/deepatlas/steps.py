@@ -1,0 +1,167 @@
+"""One registration step and one segmentation step of DeepAtlas (the losses of Xu & Niethammer, 2019, Sec. 2).
+
+Registration step (F_S frozen):  L_i(I_m∘φ, I_t) + λ_r L_r(φ) + λ_fold L_fold(φ) + λ_a L_a(S_m∘φ, S_t)
+    where a missing manual segmentation S is replaced by F_S's prediction (anatomy mode "joint"), or the anatomy
+    term is used only on pairs with two manual segmentations ("manual"), or not at all ("none").
+Segmentation step (F_R frozen), per pair:
+    only I_m labelled:  λ_a L_a(S_m∘φ, F_S(I_t)) + λ_sp L_sp(F_S(I_m), S_m)
+    only I_t labelled:  λ_a L_a(F_S(I_m)∘φ, S_t) + λ_sp L_sp(F_S(I_t), S_t)
+    both labelled:      λ_sp (L_sp(F_S(I_m), S_m) + L_sp(F_S(I_t), S_t))
+    neither:            no loss
+Supervised segmentation step: λ_sp L_sp(F_S(I), S) on labelled images.
+
+Every loss is the mean over the pairs of the batch, so DDP's gradient average over equal shares equals one
+process with the global batch. Anatomy terms use the fused ``warped_dice`` whenever the warped side is a label map.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import deepatlas_cuda as da
+
+from . import losses
+from .config import TrainConfig
+from .pairs import Batch
+
+
+@dataclass
+class StepModels:
+    """The networks as trained (possibly DDP-wrapped) and as used frozen (the bare modules)."""
+    reg_net: nn.Module
+    seg_net: nn.Module
+    reg_module: nn.Module
+    seg_module: nn.Module
+
+
+class StepLosses:
+    """Builds the loss functions once from the config and runs the steps' forward passes."""
+
+    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device) -> None:
+        self.config = config
+        self.num_classes = num_classes
+        self.device = device
+        self.similarity = (losses.LocalNCCLoss(config.lncc_window) if config.similarity == "lncc"
+                           else losses.similarity_loss(config.similarity))
+        self.regulariser = losses.regulariser_loss(config.regulariser)
+
+    def autocast(self) -> AbstractContextManager:
+        if self.config.amp == "none":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---- registration ------------------------------------------------------------------------------------------
+
+    def registration(self, models: StepModels, batch: Batch, anatomy: str) -> tuple[Tensor, dict[str, float]]:
+        """Loss of a registration step and its parts (floats, for logging)."""
+        cfg = self.config
+        with self.autocast():
+            ddf = models.reg_net(batch.moving, batch.fixed)
+        ddf = ddf.float()  # [B, 3, D, H, W], voxels
+        warped = da.warp(batch.moving, ddf)
+        similarity = self.similarity(warped, batch.fixed)
+        smoothness = self.regulariser(ddf)
+        loss = similarity + cfg.lambda_r * smoothness
+        parts = {"sim": similarity.item(), "smooth": smoothness.item()}
+        if cfg.lambda_fold > 0:
+            folding = losses.folding_penalty(ddf)
+            loss = loss + cfg.lambda_fold * folding
+            parts["fold"] = folding.item()
+        if anatomy != "none" and cfg.lambda_a > 0:
+            anatomy_loss, used = self._registration_anatomy(models.seg_module, batch, ddf, anatomy)
+            if used:
+                loss = loss + cfg.lambda_a * anatomy_loss
+                parts["anatomy"] = anatomy_loss.item()
+                parts["dice"] = 1.0 - parts["anatomy"]
+        parts["loss"] = loss.item()
+        return loss, parts
+
+    def _registration_anatomy(self, seg_module: nn.Module, batch: Batch, ddf: Tensor,
+                              mode: str) -> tuple[Tensor, bool]:
+        """Mean anatomy loss over the pairs (zero for pairs without usable labels in "manual" mode)."""
+        total, used = ddf.new_zeros(()), False
+        for b in range(ddf.shape[0]):
+            moving_ok, fixed_ok = bool(batch.moving_labelled[b]), bool(batch.fixed_labelled[b])
+            if mode == "manual" and not (moving_ok and fixed_ok):
+                continue
+            source = batch.moving_labels[b:b + 1] if moving_ok else self._predict(seg_module, batch.moving[b:b + 1])
+            target = batch.fixed_labels[b:b + 1] if fixed_ok else self._predict(seg_module, batch.fixed[b:b + 1])
+            total = total + losses.anatomy_loss(source, ddf[b:b + 1], target, self.num_classes)
+            used = True
+        return total / ddf.shape[0], used
+
+    @torch.no_grad()
+    def _predict(self, seg_module: nn.Module, image: Tensor) -> Tensor:
+        """F_S's class probabilities [1, K, D, H, W], frozen (eval mode: running normalisation statistics)."""
+        was_training = seg_module.training
+        seg_module.eval()
+        with self.autocast():
+            logits = seg_module(image)
+        seg_module.train(was_training)
+        return logits.float().softmax(1)
+
+    # ---- segmentation ------------------------------------------------------------------------------------------
+
+    def segmentation(self, models: StepModels, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Loss of a joint segmentation step (F_R frozen)."""
+        cfg = self.config
+        with torch.no_grad():
+            with self.autocast():
+                ddf = models.reg_module(batch.moving, batch.fixed)
+            ddf = ddf.float()
+        pairs = ddf.shape[0]
+        with self.autocast():
+            logits = models.seg_net(torch.cat([batch.moving, batch.fixed]))
+        logits = logits.float()
+        moving_logits, fixed_logits = logits[:pairs], logits[pairs:]
+        # Every logit enters the graph (times 0 where a pair has no loss), so each DDP process reduces the same
+        # parameters even when its pairs carry no labels.
+        loss = 0.0 * logits.sum()
+        anatomy_sum, supervised_sum, anatomy_count = 0.0, 0.0, 0
+        for b in range(pairs):
+            moving_ok, fixed_ok = bool(batch.moving_labelled[b]), bool(batch.fixed_labelled[b])
+            one = slice(b, b + 1)
+            terms = []
+            if moving_ok and not fixed_ok:
+                anatomy = losses.anatomy_loss(batch.moving_labels[one], ddf[one], fixed_logits[one].softmax(1),
+                                              self.num_classes)
+                supervised = losses.supervised_loss(moving_logits[one], batch.moving_labels[one], cfg.ce_weight)
+                terms = [cfg.lambda_a * anatomy, cfg.lambda_sp * supervised]
+            elif fixed_ok and not moving_ok:
+                anatomy = losses.anatomy_loss(moving_logits[one].softmax(1), ddf[one], batch.fixed_labels[one],
+                                              self.num_classes)
+                supervised = losses.supervised_loss(fixed_logits[one], batch.fixed_labels[one], cfg.ce_weight)
+                terms = [cfg.lambda_a * anatomy, cfg.lambda_sp * supervised]
+            elif moving_ok and fixed_ok:
+                supervised = (losses.supervised_loss(moving_logits[one], batch.moving_labels[one], cfg.ce_weight)
+                              + losses.supervised_loss(fixed_logits[one], batch.fixed_labels[one], cfg.ce_weight))
+                anatomy = None
+                terms = [cfg.lambda_sp * supervised]
+            else:
+                continue
+            loss = loss + sum(terms) / pairs
+            supervised_sum += supervised.item()
+            if anatomy is not None:
+                anatomy_sum += anatomy.item()
+                anatomy_count += 1
+        parts = {"loss": loss.item(), "supervised": supervised_sum / pairs}
+        if anatomy_count:
+            parts["anatomy"] = anatomy_sum / anatomy_count
+            parts["dice"] = 1.0 - parts["anatomy"]
+        return loss, parts
+
+    def supervised(self, models: StepModels, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """Loss of a supervised segmentation step on labelled images."""
+        with self.autocast():
+            logits = models.seg_net(batch.moving)
+        logits = logits.float()
+        supervised = losses.supervised_loss(logits, batch.moving_labels, self.config.ce_weight)
+        loss = self.config.lambda_sp * supervised
+        with torch.no_grad():
+            dice = 1.0 - losses.soft_dice_loss(logits.softmax(1), batch.moving_labels, self.num_classes).item()
+        return loss, {"loss": loss.item(), "supervised": supervised.item(), "dice": dice}

@@ -1,0 +1,254 @@
+"""The training loop: schedule, optimisers, mixed precision, DDP, logging, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .memory import PeakMemory
+from .nets import RegistrationNet, SegmentationNet
+from .pairs import Volumes, draw_batch
+from .schedule import REG, SEG_JOINT, anatomy_mode, phases, step_at, total_steps
+from .steps import StepLosses, StepModels
+
+log = logging.getLogger("deepatlas")
+
+LATEST = "checkpoint_latest.pt"
+MODEL = "model.pt"
+# Fields that may differ between a run and its resumption (they do not change what is computed).
+_RESUMABLE_CHANGES = {"device", "output", "log_every", "checkpoint_every"}
+
+
+def build_networks(config: TrainConfig, num_classes: int) -> tuple[RegistrationNet, SegmentationNet]:
+    """F_R and F_S as the config describes them (initialised from the current torch RNG)."""
+    checkpointing = config.activation_checkpointing
+    reg = RegistrationNet(enc_channels=config.reg_enc, dec_channels=config.reg_dec, svf=config.svf,
+                          integration_steps=config.integration_steps, checkpointing=checkpointing)
+    seg = SegmentationNet(num_classes, channels=config.seg_channels, norm=config.seg_norm,
+                          checkpointing=checkpointing)
+    return reg, seg
+
+
+class Trainer:
+    """Trains F_R and F_S on ``volumes`` following ``config``'s schedule (see :mod:`deepatlas.schedule`).
+
+    ``output`` receives ``checkpoint_latest.pt`` (every ``checkpoint_every`` steps and at the end of each phase),
+    ``metrics.csv`` / ``metrics.json`` and finally ``model.pt``; only rank 0 writes. With ``torch.distributed``
+    initialised (``torchrun``), both networks are wrapped in DistributedDataParallel and each process takes an
+    equal share of every global batch."""
+
+    def __init__(self, config: TrainConfig, volumes: Volumes, num_classes: int, output: str | Path | None = None,
+                 lr_axis: int = 0, progress: bool = True) -> None:
+        self.config = config
+        self.volumes = volumes
+        self.num_classes = num_classes
+        self.output = Path(output if output is not None else config.output)
+        self.lr_axis = lr_axis
+        self.progress = progress
+        self.device = torch.device(config.device)
+        self.rank, self.world_size = _distributed_rank_and_size()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"config.batch_size ({config.batch_size}) must be divisible by the number of "
+                             f"processes ({self.world_size})")
+
+        torch.manual_seed(config.seed)
+        reg, seg = build_networks(config, num_classes)
+        self.reg_module, self.seg_module = reg.to(self.device), seg.to(self.device)
+        self.models = StepModels(self._maybe_ddp(self.reg_module), self._maybe_ddp(self.seg_module),
+                                 self.reg_module, self.seg_module)
+        self.reg_opt = torch.optim.Adam(self.reg_module.parameters(), lr=config.lr)
+        self.seg_opt = torch.optim.Adam(self.seg_module.parameters(), lr=config.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.losses = StepLosses(config, num_classes, self.device)
+        self.peak = PeakMemory(self.device)
+        self.step = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.volumes_on_device = Volumes(volumes.images.to(self.device), volumes.labels.to(self.device),
+                                         volumes.labelled.to(self.device))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _maybe_ddp(self, module: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+    # ---- state -------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": 1, "version": __version__, "config": self.config.to_dict(),
+                "num_classes": self.num_classes, "step": self.step,
+                "reg_net": self.reg_module.state_dict(), "seg_net": self.seg_module.state_dict(),
+                "reg_opt": self.reg_opt.state_dict(), "seg_opt": self.seg_opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "metrics": self.metrics}
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        saved = state["config"]
+        current = self.config.to_dict()
+        changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise ValueError(f"cannot resume from {source}: the config differs in {details}. Use the same config, "
+                             f"or a new output folder to start afresh")
+        if state["num_classes"] != self.num_classes:
+            raise ValueError(f"cannot resume from {source}: it has {state['num_classes']} classes, the data "
+                             f"{self.num_classes}")
+        self.reg_module.load_state_dict(state["reg_net"])
+        self.seg_module.load_state_dict(state["seg_net"])
+        self.reg_opt.load_state_dict(state["reg_opt"])
+        self.seg_opt.load_state_dict(state["seg_opt"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.metrics = list(state["metrics"])
+
+    def save(self) -> None:
+        if self.is_main:
+            save_checkpoint(self.output / LATEST, self.state_dict())
+            self.write_metrics()
+
+    def resume(self) -> bool:
+        """Continue from ``output/checkpoint_latest.pt`` if it exists; returns whether it did."""
+        path = self.output / LATEST
+        if not path.exists():
+            return False
+        self.load_state_dict(load_checkpoint(path, map_location=self.device), source=str(path))
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def write_metrics(self) -> None:
+        """``metrics.json`` (a list of rows) and ``metrics.csv`` (one column per key seen), written atomically."""
+        rows = self.metrics
+        atomic_write(self.output / "metrics.json", lambda h: h.write(json.dumps(rows, indent=1).encode()))
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.output / "metrics.csv", lambda h: h.write(text.getvalue().encode()))
+
+    def export_model(self) -> Path:
+        """``model.pt``: the two networks, the config and the class count (for evaluate / register / segment)."""
+        path = self.output / MODEL
+        if self.is_main:
+            save_checkpoint(path, {"format": 1, "version": __version__, "config": self.config.to_dict(),
+                                   "num_classes": self.num_classes, "reg_net": self.reg_module.state_dict(),
+                                   "seg_net": self.seg_module.state_dict()})
+        return path
+
+    # ---- loop --------------------------------------------------------------------------------------------------
+
+    def fit(self, stop_at: int | None = None) -> "Trainer":
+        """Run the schedule from the current step to its end (or to global step ``stop_at``)."""
+        total = total_steps(self.config)
+        end = total if stop_at is None else min(stop_at, total)
+        phase_ends = _phase_ends(self.config)
+        window: dict[str, list[dict[str, float]]] = defaultdict(list)
+        bar = _progress_bar(total, self.step, enabled=self.progress and self.is_main)
+        try:
+            while self.step < end:
+                phase, kind = step_at(self.config, self.step)
+                parts = self._train_step(phase, kind)
+                self.step += 1
+                window[f"{phase.name}/{kind}"].append(parts)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(_postfix(phase.name, kind, window[f"{phase.name}/{kind}"]), refresh=False)
+                # Checkpoint steps also close the logging window, so a resumed run logs the same rows.
+                checkpoint_due = (self.step % self.config.checkpoint_every == 0 or self.step in phase_ends
+                                  or self.step == end)
+                if checkpoint_due or self.step % self.config.log_every == 0:
+                    self._log_window(window)
+                if checkpoint_due:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        return self
+
+    def _train_step(self, phase, kind: str) -> dict[str, float]:
+        cfg = self.config
+        batch = draw_batch(self.volumes_on_device, kind, cfg.seed, self.step, cfg.batch_size, cfg.flip,
+                           self.lr_axis, self.rank, self.world_size)
+        self.peak.reset()
+        start = time.perf_counter()
+        if kind == REG:
+            self.reg_module.train()
+            loss, parts = self.losses.registration(self.models, batch, anatomy_mode(cfg, phase))
+            self._optimise(self.reg_opt, loss)
+        else:
+            self.seg_module.train()
+            if kind == SEG_JOINT:
+                loss, parts = self.losses.segmentation(self.models, batch)
+            else:
+                loss, parts = self.losses.supervised(self.models, batch)
+            self._optimise(self.seg_opt, loss)
+        if not math.isfinite(parts["loss"]):
+            raise FloatingPointError(f"step {self.step} ({phase.name}, {kind}): the loss is {parts['loss']}; "
+                                     f"lower config.lr or check the data")
+        parts["seconds"] = time.perf_counter() - start
+        parts["peak_mem_mb"] = self.peak.peak_mb()
+        return parts
+
+    def _optimise(self, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        optimiser.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimiser)
+        self.scaler.update()
+
+    def _log_window(self, window: dict[str, list[dict[str, float]]]) -> None:
+        for key, rows in window.items():
+            phase, kind = key.split("/")
+            keys = list(dict.fromkeys(k for row in rows for k in row))
+            mean = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+            mean["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rows)
+            self.metrics.append({"step": self.step, "phase": phase, "kind": kind, "steps": len(rows), **mean})
+            log.debug("step %d %s", self.step, self.metrics[-1])
+        window.clear()
+
+
+def _phase_ends(config: TrainConfig) -> set[int]:
+    ends, start = set(), 0
+    for phase in phases(config):
+        start += phase.steps
+        ends.add(start)
+    return ends
+
+
+def _postfix(phase: str, kind: str, rows: list[dict[str, float]]) -> str:
+    recent = rows[-10:]
+    shown = [f"{phase}/{kind}"]
+    for key in ("loss", "sim", "dice"):
+        values = [r[key] for r in recent if key in r]
+        if values:
+            shown.append(f"{key}={sum(values) / len(values):.3f}")
+    return " ".join(shown)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+
+
+def _distributed_rank_and_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -1,0 +1,360 @@
+"""The data layer: synthetic / MNI generators, NIfTI folder and manifest loading, preprocessing, caching, saving."""
+
+import csv
+import gzip
+import importlib.util
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from deepatlas.data import (LR_AXIS, Preprocess, Subject, load_dataset, load_folder, load_manifest, num_classes_of,
+                            save_nifti, stack_subjects, synthetic_subjects)
+from deepatlas.data import nifti as nifti_module
+
+SHAPE = (32, 32, 32)
+
+
+def mean_dice(a, b, num_classes):
+    return np.mean([2 * ((a == k) & (b == k)).sum() / max((a == k).sum() + (b == k).sum(), 1)
+                    for k in range(num_classes)])
+
+
+# ---------------------------------------------------------------- synthetic / mni
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return synthetic_subjects(3, SHAPE, num_classes=6, seed=1)
+
+
+def test_synthetic_reproducible_and_seeded(synthetic):
+    again = synthetic_subjects(2, SHAPE, num_classes=6, seed=1)
+    other = synthetic_subjects(1, SHAPE, num_classes=6, seed=2)
+    for a, b in zip(synthetic, again):  # the first subjects do not depend on how many are generated
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.label, b.label)
+        np.testing.assert_array_equal(a.affine, b.affine)
+    assert not np.array_equal(synthetic[0].label, other[0].label)
+    assert not np.allclose(synthetic[0].image, other[0].image)
+
+
+def test_synthetic_shapes_types_ranges(synthetic):
+    names = set()
+    for subject in synthetic:
+        names.add(subject.name)
+        assert subject.image.shape == SHAPE and subject.image.dtype == np.float32
+        assert subject.label.shape == SHAPE and subject.label.dtype == np.int64
+        assert subject.image.min() == 0 and subject.image.max() == 1
+        assert subject.affine.shape == (4, 4) and subject.affine.dtype == np.float64
+        assert sorted(np.unique(subject.label)) == list(range(6))  # all K classes, nothing outside [0, K)
+        assert subject.split == "train"
+    assert len(names) == 3
+    assert num_classes_of(synthetic) == 6
+
+
+def test_synthetic_any_shape_and_test_split():
+    subjects = synthetic_subjects(3, (16, 24, 20), num_classes=4, num_test=1)
+    assert subjects[0].image.shape == (16, 24, 20)
+    assert [s.split for s in subjects] == ["train", "train", "test"]
+    centre = subjects[0].affine @ np.array([7.5, 11.5, 9.5, 1.0])
+    np.testing.assert_allclose(centre[:3], 0)  # centred, 1 mm voxels
+
+
+def test_synthetic_deformation_nontrivial(synthetic):
+    dice = mean_dice(synthetic[0].label, synthetic[1].label, 6)
+    assert 0.3 < dice < 0.95
+    # ... and the image depends on the labels: mean intensity differs between structures
+    means = [synthetic[0].image[synthetic[0].label == k].mean() for k in range(6)]
+    assert np.ptp(means) > 0.3
+
+
+def test_synthetic_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="base"):
+        synthetic_subjects(1, SHAPE, base="nope")
+    with pytest.raises(ValueError, match="num_classes"):
+        synthetic_subjects(1, SHAPE, num_classes=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nilearn") is None, reason="nilearn not installed")
+def test_mni_base():
+    subjects = load_dataset("mni", num_subjects=2, shape=SHAPE, seed=0)
+    for subject in subjects:
+        assert subject.image.shape == SHAPE and subject.image.dtype == np.float32
+        assert 0 <= subject.image.min() and subject.image.max() <= 1
+        assert sorted(np.unique(subject.label)) == [0, 1, 2, 3]
+    assert nib.aff2axcodes(subjects[0].affine) == ("R", "A", "S")
+    assert 0.3 < mean_dice(subjects[0].label, subjects[1].label, 4) < 0.95
+    # the world centre of the volume lies near the MNI origin
+    centre = subjects[0].affine @ np.array([*(np.array(SHAPE) - 1) / 2, 1])
+    assert np.all(np.abs(centre[:3]) < 30)
+    # WM is brighter than GM, GM brighter than CSF in a T1 image
+    means = [subjects[0].image[subjects[0].label == k].mean() for k in (1, 2, 3)]
+    assert means[0] < means[1] < means[2]
+
+
+# ---------------------------------------------------------------- stacking
+
+def test_stack_subjects(synthetic):
+    unlabelled = Subject("u", synthetic[1].image, None, synthetic[1].affine)
+    images, labels, labelled = stack_subjects([synthetic[0], unlabelled])
+    assert images.shape == (2, 1, *SHAPE) and images.dtype == torch.float32
+    assert labels.shape == (2, 1, *SHAPE) and labels.dtype == torch.int64
+    assert labelled.tolist() == [True, False]
+    assert labels[1].abs().sum() == 0
+    np.testing.assert_array_equal(labels[0, 0].numpy(), synthetic[0].label)
+    small = Subject("small", np.zeros((8, 8, 8), np.float32), None, np.eye(4))
+    with pytest.raises(ValueError, match="small"):
+        stack_subjects([synthetic[0], small])
+    with pytest.raises(ValueError, match="no subjects"):
+        stack_subjects([])
+    with pytest.raises(ValueError, match="no subject has a label"):
+        num_classes_of([unlabelled])
+
+
+# ---------------------------------------------------------------- NIfTI files
+
+def affine_with(spacing=(1.0, 1.0, 1.0), origin=(-6.0, -7.0, -5.0)):
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
+def write_pair(root, name, rng, shape=(12, 12, 12), labelled=True, affine=None):
+    """A random image (and a label map with values 0..3) under root/images, root/labels."""
+    affine = affine_with() if affine is None else affine
+    image = rng.normal(100, 20, shape).astype(np.float32)
+    save_nifti(root / "images" / f"{name}.nii.gz", image, affine)
+    if labelled:
+        label = rng.integers(0, 4, shape).astype(np.int16)
+        save_nifti(root / "labels" / f"{name}.nii.gz", label, affine)
+        return image, label
+    return image, None
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    data = {name: write_pair(tmp_path, name, rng, labelled=name != "c") for name in ("a", "b", "c")}
+    return tmp_path, data
+
+
+NO_PREPROCESS = Preprocess(orientation=None, percentiles=None, divisible_by=None)
+
+
+def test_load_folder_partial_labels(folder):
+    root, data = folder
+    subjects = load_dataset(str(root), preprocess=NO_PREPROCESS)
+    assert [s.name for s in subjects] == ["a", "b", "c"]
+    assert [s.labelled for s in subjects] == [True, True, False]
+    for subject in subjects:
+        image, label = data[subject.name]
+        expected = (image - image.min()) / (image.max() - image.min())
+        np.testing.assert_allclose(subject.image, expected, atol=1e-5)
+        np.testing.assert_array_equal(subject.affine, affine_with())
+        assert isinstance(subject.header, nib.Nifti1Header)
+        if label is not None:
+            assert subject.label.dtype == np.int64
+            np.testing.assert_array_equal(subject.label, label)
+    assert num_classes_of(subjects) == 4
+
+
+def test_load_folder_default_preprocess_and_workers(folder):
+    root, _ = folder
+    subjects = load_folder(root, preprocess=Preprocess(), num_workers=2)
+    assert all(s.image.shape == (16, 16, 16) for s in subjects)  # padded to a multiple of 16
+    assert all(0 <= s.image.min() and s.image.max() == 1 for s in subjects)
+
+
+def test_manifests_csv_and_json(folder):
+    root, data = folder
+    rows = [{"image": "images/a.nii.gz", "label": "labels/a.nii.gz", "split": "train"},
+            {"image": "images/b.nii.gz", "label": "", "split": "test"},
+            {"image": str(root / "images" / "c.nii.gz"), "label": "", "split": ""}]
+    with open(root / "list.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["image", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "list.json").write_text(json.dumps([{k: v for k, v in r.items() if v} for r in rows]))
+    for manifest in ("list.csv", "list.json"):
+        subjects = load_dataset(str(root / manifest), preprocess=NO_PREPROCESS)
+        assert [s.split for s in subjects] == ["train", "test", "train"]
+        assert [s.labelled for s in subjects] == [True, False, False]
+        np.testing.assert_array_equal(subjects[0].label, data["a"][1])
+    (root / "bad.csv").write_text("image,label,split\nimages/a.nii.gz,,holdout\n")
+    with pytest.raises(ValueError, match="split"):
+        load_manifest(root / "bad.csv")
+
+
+def test_missing_file_named(folder):
+    root, _ = folder
+    (root / "missing.csv").write_text("image,label\nimages/a.nii.gz,labels/nothere.nii.gz\n")
+    with pytest.raises(FileNotFoundError, match="nothere.nii.gz"):
+        load_manifest(root / "missing.csv")
+    with pytest.raises(FileNotFoundError, match="images"):
+        load_folder(root / "nowhere")
+
+
+def test_shape_and_affine_mismatch_name_both_files(tmp_path):
+    rng = np.random.default_rng(1)
+    write_pair(tmp_path, "x", rng)
+    save_nifti(tmp_path / "labels" / "x.nii.gz", rng.integers(0, 3, (12, 12, 10)), affine_with())
+    with pytest.raises(ValueError, match=r"(?s)images/x\.nii\.gz.*labels/x\.nii\.gz"):
+        load_folder(tmp_path)
+    save_nifti(tmp_path / "labels" / "x.nii.gz", rng.integers(0, 3, (12, 12, 12)), affine_with(spacing=(1, 1, 2)))
+    with pytest.raises(ValueError, match=r"(?s)affine mismatch.*images/x\.nii\.gz.*labels/x\.nii\.gz"):
+        load_folder(tmp_path)
+
+
+def test_truncated_file(folder):
+    root, _ = folder
+    path = root / "images" / "b.nii.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="b.nii.gz"):
+        load_folder(root)
+    path.write_bytes(gzip.compress(b"not a nifti file at all" * 20))
+    with pytest.raises(ValueError, match="cannot read NIfTI file .*b.nii.gz"):
+        load_folder(root)
+
+
+@pytest.mark.parametrize("values, message", [(np.array([0.0, 1.5]), "non-integer"),
+                                             (np.array([0, -2]), "negative")])
+def test_bad_label_values(tmp_path, values, message):
+    rng = np.random.default_rng(2)
+    write_pair(tmp_path, "y", rng, labelled=False)
+    label = rng.integers(0, 3, (12, 12, 12)).astype(values.dtype)
+    label[3, 4, 5] = values[1]
+    save_nifti(tmp_path / "labels" / "y.nii.gz", label, affine_with())
+    with pytest.raises(ValueError, match=f"labels/y.nii.gz.*{message}"):
+        load_folder(tmp_path)
+
+
+def test_whole_float_labels_and_4d_image(tmp_path):
+    rng = np.random.default_rng(3)
+    image, _ = write_pair(tmp_path, "z", rng, labelled=False)
+    save_nifti(tmp_path / "images" / "z.nii.gz", image[..., None], affine_with())  # trailing singleton
+    save_nifti(tmp_path / "labels" / "z.nii.gz", rng.integers(0, 3, (12, 12, 12)).astype(np.float32), affine_with())
+    subject, = load_folder(tmp_path, preprocess=NO_PREPROCESS)
+    assert subject.image.shape == (12, 12, 12) and subject.label.dtype == np.int64
+    save_nifti(tmp_path / "images" / "z.nii.gz", np.stack([image, image], -1), affine_with())
+    with pytest.raises(ValueError, match="z.nii.gz.*3-D"):
+        load_folder(tmp_path)
+
+
+def test_label_map(folder):
+    root, data = folder
+    table = {0: 0, 1: 2, 2: 1, 3: 1}
+    subjects = load_folder(root, preprocess=Preprocess(orientation=None, divisible_by=None, label_map=table))
+    np.testing.assert_array_equal(subjects[0].label, np.vectorize(table.get)(data["a"][1]))
+    with pytest.raises(ValueError, match=r"labels/a.nii.gz.*\[3\]"):
+        load_folder(root, preprocess=Preprocess(label_map={0: 0, 1: 1, 2: 1}))
+    restored = Preprocess.from_dict(json.loads(json.dumps(Preprocess(label_map=table).to_dict())))
+    assert restored.label_map == table
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match="empty dataset"):
+        load_folder(tmp_path)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="empty dataset"):
+        load_manifest(tmp_path / "empty.json")
+    with pytest.raises(ValueError, match="source"):
+        load_dataset(str(tmp_path / "nothing.txt"))
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def world(affine, index):
+    return (affine @ np.array([*index, 1.0]))[:3]
+
+
+def test_reorientation_lps_to_ras(tmp_path):
+    rng = np.random.default_rng(4)
+    ras = rng.random((6, 7, 8)).astype(np.float32)
+    label = rng.integers(0, 5, (6, 7, 8))
+    lps = ras[::-1, ::-1, :]  # the same voxels stored with axes running right->left, anterior->posterior
+    lps_affine = np.diag([-2.0, -1.5, 1.0, 1.0])
+    lps_affine[:3, 3] = [5 * 2.0, 6 * 1.5, 0.0]  # so that voxel (5, 6, 0) of lps is world (0, 0, 0)
+    save_nifti(tmp_path / "images" / "p.nii.gz", lps, lps_affine)
+    save_nifti(tmp_path / "labels" / "p.nii.gz", label[::-1, ::-1, :], lps_affine)
+    subject, = load_folder(tmp_path, preprocess=Preprocess(percentiles=None, divisible_by=None))
+    expected = (ras - ras.min()) / (ras.max() - ras.min())
+    np.testing.assert_allclose(subject.image, expected, atol=1e-6)
+    np.testing.assert_array_equal(subject.label, label)
+    assert nib.aff2axcodes(subject.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(world(subject.affine, (0, 0, 0)), [0, 0, 0])
+    assert LR_AXIS == 0
+
+
+def test_resampling_to_spacing_and_shape():
+    rng = np.random.default_rng(5)
+    image = rng.random((12, 12, 12)).astype(np.float32)
+    label = rng.integers(0, 3, (12, 12, 12))
+    affine = affine_with(spacing=(1.0, 2.0, 1.5))
+    step = Preprocess(orientation=None, spacing=(2.0, 1.0, 1.5), divisible_by=None)
+    out, out_label, out_affine = step.apply(image, label, affine)
+    assert out.shape == out_label.shape == (6, 24, 12)
+    np.testing.assert_allclose(np.abs(np.diag(out_affine)[:3]), [2.0, 1.0, 1.5])
+    # the field of view keeps its centre in world coordinates
+    np.testing.assert_allclose(world(out_affine, (2.5, 11.5, 5.5)), world(affine, (5.5, 5.5, 5.5)))
+    assert set(np.unique(out_label)) <= {0, 1, 2}  # nearest neighbour: no new label values
+    out, _, _ = Preprocess(orientation=None, shape=(8, 9, 10), divisible_by=None).apply(image, None, affine)
+    assert out.shape == (8, 9, 10)
+    with pytest.raises(ValueError, match="spacing or shape"):
+        Preprocess(spacing=(1, 1, 1), shape=(8, 8, 8))
+
+
+def test_divisible_by_keeps_world_coordinates():
+    from deepatlas.data.preprocess import crop_or_pad
+    rng = np.random.default_rng(6)
+    image = rng.random((12, 17, 16)).astype(np.float32)
+    affine = affine_with(spacing=(1.0, 0.5, 2.0))
+    out, _, out_affine = Preprocess(orientation=None, percentiles=None, divisible_by=8).apply(image, None, affine)
+    assert out.shape == (16, 24, 16)
+    # voxel (i, j, k) of the input sits at out[i + 2, j + 3, k] and at the same world point
+    expected = (image - image.min()) / (image.max() - image.min())
+    np.testing.assert_allclose(out[2:14, 3:20, :], expected, atol=1e-6)
+    np.testing.assert_allclose(world(out_affine, (2, 3, 0)), world(affine, (0, 0, 0)))
+    cropped, cropped_affine = crop_or_pad(image, affine, (8, 17, 10))
+    np.testing.assert_array_equal(cropped, image[2:10, :, 3:13])
+    np.testing.assert_allclose(world(cropped_affine, (0, 0, 0)), world(affine, (2, 0, 3)))
+
+
+# ---------------------------------------------------------------- cache and saving
+
+def test_cache_hit_on_second_load(folder, monkeypatch):
+    root, _ = folder
+    cache = root / "cache"
+    first = load_folder(root, preprocess=Preprocess(), cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 3
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+    monkeypatch.setattr(nifti_module, "load_entry", fail)
+    second = load_folder(root, preprocess=Preprocess(), cache_dir=cache)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.affine, b.affine)
+        assert (a.label is None) == (b.label is None)
+        assert b.header is not None
+    with pytest.raises(AssertionError, match="cache"):  # other settings -> another key
+        load_folder(root, preprocess=Preprocess(divisible_by=8), cache_dir=cache)
+
+
+def test_save_nifti_round_trip(tmp_path):
+    rng = np.random.default_rng(7)
+    affine = np.array([[0.0, -1.25, 0.0, 90.5], [0.75, 0.0, 0.0, -126.0], [0.0, 0.0, 2.0, -72.25], [0, 0, 0, 1]])
+    image = rng.random((5, 6, 7)).astype(np.float32)
+    path = tmp_path / "sub" / "out.nii.gz"
+    save_nifti(path, image, affine)
+    loaded = nib.load(str(path))
+    np.testing.assert_array_equal(loaded.affine, affine)
+    np.testing.assert_array_equal(np.asanyarray(loaded.dataobj), image)
+    label = rng.integers(0, 40, (5, 6, 7))
+    save_nifti(path, label, affine, header=loaded.header)  # overwrite, reusing a float header
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(path)).dataobj), label)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.nii.gz"]  # no temporary file left
+    with pytest.raises(ValueError, match="nii"):
+        save_nifti(tmp_path / "out.png", image, affine)
