@@ -1,0 +1,299 @@
+"""The training loop: schedule, pair drawing, every loss decreasing, exact resume (in-process and after kill -9),
+atomic checkpoints, DDP with 2 gloo processes equal to one process with the same global batch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from deepatlas.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from deepatlas.config import TrainConfig
+from deepatlas.pairs import draw_batch, draw_indices, step_generator
+from deepatlas.schedule import REG, SEG_JOINT, SEG_SUPERVISED, phases, step_at, total_steps
+from deepatlas.trainer import LATEST, Trainer
+from training_helpers import replace, state_of, tiny_config, tiny_volumes
+
+
+def assert_same_state(a, b, exact=True):
+    for part in a:
+        for key in a[part]:
+            x, y = a[part][key], b[part][key]
+            if isinstance(x, dict):
+                for k in x:
+                    if isinstance(x[k], torch.Tensor):
+                        _close(x[k], y[k], exact, f"{part}.{key}.{k}")
+            else:
+                _close(x, y, exact, f"{part}.{key}")
+
+
+def _close(x, y, exact, name):
+    if exact:
+        assert torch.equal(x, y), name
+    else:
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- schedule and pairs ----------------------------------------------------------------------------------------
+
+
+def test_schedule_joint_phases_and_alternation(tmp_path):
+    config = tiny_config(tmp_path)
+    names = [p.name for p in phases(config)]
+    assert names == ["reg_pretrain", "seg_pretrain", "semi_da", "da"]
+    kinds = [step_at(config, s)[1] for s in range(total_steps(config))]
+    assert kinds[:6] == [REG] * 6 and kinds[6:10] == [SEG_SUPERVISED] * 4 and kinds[10:13] == [SEG_JOINT] * 3
+    assert kinds[13:] == [REG, REG, REG, SEG_JOINT] * 2
+    with pytest.raises(IndexError):
+        step_at(config, total_steps(config))
+
+
+@pytest.mark.parametrize("method", ["reg_only", "reg_anatomy", "seg_only"])
+def test_baselines_get_the_joint_models_step_budget(tmp_path, method):
+    joint = tiny_config(tmp_path)
+    kinds = [step_at(joint, s)[1] for s in range(total_steps(joint))]
+    baseline = replace(joint, method=method)
+    base_kinds = [step_at(baseline, s)[1] for s in range(total_steps(baseline))]
+    if method == "seg_only":
+        assert base_kinds == [SEG_SUPERVISED] * (kinds.count(SEG_SUPERVISED) + kinds.count(SEG_JOINT))
+    else:
+        assert base_kinds == [REG] * kinds.count(REG)
+
+
+def test_pairs_are_reproducible_and_respect_labels(tmp_path):
+    config = tiny_config(tmp_path)
+    volumes = tiny_volumes(config, labelled=1)
+    a = draw_indices(volumes, SEG_JOINT, 64, step_generator(3, 7))
+    b = draw_indices(volumes, SEG_JOINT, 64, step_generator(3, 7))
+    assert torch.equal(a, b)
+    assert (a[:, 0] != a[:, 1]).all()
+    assert (volumes.labelled[a[:, 0]] | volumes.labelled[a[:, 1]]).all()
+    supervised = draw_indices(volumes, SEG_SUPERVISED, 16, step_generator(0, 0))
+    assert (supervised == 0).all()
+    registration = draw_indices(volumes, REG, 256, step_generator(0, 1))
+    assert len(set(map(tuple, registration.tolist()))) == 12  # every ordered pair of 4 images shows up
+
+
+def test_ddp_shares_partition_the_global_batch(tmp_path):
+    config = tiny_config(tmp_path, batch_size=4)
+    volumes = tiny_volumes(config)
+    whole = draw_batch(volumes, REG, 0, 5, 4, True, 0)
+    halves = [draw_batch(volumes, REG, 0, 5, 4, True, 0, rank=r, world_size=2) for r in range(2)]
+    assert torch.equal(torch.cat([h.moving for h in halves]), whole.moving)
+    assert torch.equal(torch.cat([h.fixed_labels for h in halves]), whole.fixed_labels)
+    with pytest.raises(ValueError, match="divisible"):
+        draw_batch(volumes, REG, 0, 5, 3, True, 0, rank=0, world_size=2)
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+
+def _fixed_batch_losses(trainer, batches):
+    """Each step kind's loss on fixed batches, without training."""
+    out = {}
+    for kind, batch in batches.items():
+        with torch.no_grad():
+            if kind == REG:
+                _, parts = trainer.losses.registration(trainer.models, batch, "joint")
+            elif kind == SEG_JOINT:
+                _, parts = trainer.losses.segmentation(trainer.models, batch)
+            else:
+                _, parts = trainer.losses.supervised(trainer.models, batch)
+        out.update({f"{kind}.{k}": v for k, v in parts.items() if k in ("loss", "sim", "anatomy", "supervised")})
+    return out
+
+
+def test_tiny_training_decreases_every_loss(tmp_path):
+    config = tiny_config(tmp_path, num_train=3, flip=False, lr=3e-3, reg_pretrain_steps=20,
+                         seg_pretrain_steps=20, semi_steps=8, joint_rounds=3, reg_per_seg=4)
+    volumes = tiny_volumes(config, labelled=1)
+    trainer = Trainer(config, volumes, config.num_classes, progress=False)
+    batches = {kind: draw_batch(volumes, kind, 123, 0, 2, False, 0) for kind in (REG, SEG_JOINT, SEG_SUPERVISED)}
+    before = _fixed_batch_losses(trainer, batches)
+    trainer.fit()
+    after = _fixed_batch_losses(trainer, batches)
+    assert set(before) == set(after) and len(before) >= 7
+    for key in before:
+        assert after[key] < before[key], (key, before[key], after[key])
+    assert trainer.step == total_steps(config)
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert {row["phase"] for row in rows} == {"reg_pretrain", "seg_pretrain", "semi_da", "da"}
+    assert all(row["peak_mem_mb"] > 0 and row["seconds"] > 0 for row in rows)
+
+
+def test_registration_net_starts_at_identity(tmp_path):
+    config = tiny_config(tmp_path)
+    trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False)
+    volumes = trainer.volumes
+    with torch.no_grad():
+        ddf = trainer.reg_module(volumes.images[:1], volumes.images[1:2])
+    assert ddf.abs().max() < 1e-3
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+    config = tiny_config(tmp_path / "a")
+    volumes = tiny_volumes(config)
+    full = Trainer(config, volumes, config.num_classes, progress=False).fit()
+
+    interrupted = replace(config, output=str(tmp_path / "b"))
+    Trainer(interrupted, volumes, config.num_classes, progress=False).fit(stop_at=10)  # a checkpoint step
+    assert load_checkpoint(tmp_path / "b" / LATEST)["step"] == 10
+    resumed = Trainer(interrupted, volumes, config.num_classes, progress=False)
+    assert resumed.resume() and resumed.step == 10
+    resumed.fit()
+    assert_same_state(state_of(full), state_of(resumed))
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text()) != []
+    strip = (lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "peak_mem_mb")} for r in rows])
+    assert strip(full.metrics) == strip(resumed.metrics)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    config = tiny_config(tmp_path)
+    volumes = tiny_volumes(config)
+    Trainer(config, volumes, config.num_classes, progress=False).fit(stop_at=5)
+    changed = Trainer(replace(config, lambda_r=2.0), volumes, config.num_classes, progress=False)
+    with pytest.raises(ValueError, match="lambda_r"):
+        changed.resume()
+
+
+def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    """A real `deepatlas train` process killed with SIGKILL after a checkpoint, then run again: the final model
+    equals the uninterrupted run's."""
+    common = ["--shape", "16", "16", "16", "--num-train", "4", "--num-test", "2", "--num-classes", "4",
+              "--reg-enc", "4", "8", "8", "8", "8", "--reg-dec", "8", "8", "8", "8", "4", "4",
+              "--seg-channels", "4", "8", "8", "8", "--reg-pretrain-steps", "30", "--seg-pretrain-steps", "10",
+              "--semi-steps", "5", "--joint-rounds", "4", "--reg-per-seg", "5", "--checkpoint-every", "4",
+              "--log-every", "4", "--eval-pairs", "2", "--no-progress"]
+    command = [sys.executable, "-m", "deepatlas.cli", "--log-level", "WARNING", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command + common + ["--output", str(tmp_path / "full")], check=True, env=env,
+                   capture_output=True)
+    killed = subprocess.Popen(command + common + ["--output", str(tmp_path / "killed")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / LATEST
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None:
+        if latest.exists() and load_checkpoint(latest)["step"] >= 12:
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run finished before it could be killed; make it longer"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    step_at_kill = load_checkpoint(latest)["step"]
+    assert 12 <= step_at_kill < 70
+    assert not list((tmp_path / "killed").glob(".*.tmp"))  # a kill mid-write leaves only a stray temp file
+    subprocess.run(command + common + ["--output", str(tmp_path / "killed")], check=True, env=env,
+                   capture_output=True)
+    a = load_checkpoint(tmp_path / "full" / "model.pt")
+    b = load_checkpoint(tmp_path / "killed" / "model.pt")
+    for net in ("reg_net", "seg_net"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_and_weights_only(tmp_path):
+    state = {"step": 3, "weights": torch.randn(4, 4), "nested": {"rng": torch.get_rng_state()}}
+    save_checkpoint(tmp_path / "c.pt", state)
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    assert loaded["step"] == 3 and torch.equal(loaded["weights"], state["weights"])
+    (tmp_path / "evil.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path):
+    path = tmp_path / LATEST
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def write_half_then_die(handle):
+        handle.write(b"partial bytes")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, write_half_then_die)
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST]
+
+
+def test_disk_full_is_a_clear_error_without_partial_files(tmp_path):
+    import errno
+
+    def no_space(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CheckpointError, match="no space left"):
+        atomic_write(tmp_path / "x.pt", no_space)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(CheckpointError, match="not writable"):
+            save_checkpoint(folder / "c.pt", {"step": 0})
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
+
+
+# ---- config ------------------------------------------------------------------------------------------------------
+
+
+def test_config_files_and_validation(tmp_path):
+    (tmp_path / "c.yaml").write_text("method: seg_only\nshape: [32, 32, 48]\nlambda_a: 0.5\n")
+    config = TrainConfig.load(tmp_path / "c.yaml")
+    assert config.method == "seg_only" and config.shape == (32, 32, 48) and config.lambda_a == 0.5
+    (tmp_path / "c.json").write_text(json.dumps(config.to_dict()))
+    assert TrainConfig.load(tmp_path / "c.json") == config
+    (tmp_path / "bad.json").write_text(json.dumps({"lamda_a": 1}))
+    with pytest.raises(ValueError, match="lamda_a"):
+        TrainConfig.load(tmp_path / "bad.json")
+    (tmp_path / "broken.yaml").write_text("method: [unclosed")
+    with pytest.raises(ValueError, match="broken.yaml"):
+        TrainConfig.load(tmp_path / "broken.yaml")
+    with pytest.raises(ValueError, match="config.method"):
+        TrainConfig(method="joint_typo")
+    with pytest.raises(ValueError, match="config.lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="fp16"):
+        TrainConfig(amp="fp16", device="cpu")
+
+
+# ---- distributed -------------------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, world_size, init_file, output, result_file):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        config = tiny_config(output, batch_size=2, seg_norm="instance")
+        trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False).fit()
+        if rank == 0:
+            torch.save(state_of(trainer), result_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
+    config = tiny_config(tmp_path / "single", batch_size=2, seg_norm="instance")
+    single = Trainer(config, tiny_volumes(config), config.num_classes, progress=False).fit()
+    result = tmp_path / "ddp_state.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(result)),
+                                nprocs=2, join=True)
+    assert_same_state(state_of(single), torch.load(result, weights_only=True), exact=False)
+    assert (tmp_path / "ddp" / "model.pt").exists() is False  # only fit() ran; rank 0 wrote the checkpoint
+    assert (tmp_path / "ddp" / LATEST).exists()
