@@ -1,0 +1,155 @@
+"""The `deepatlas` command line end to end on tiny synthetic data: compare (JSON), evaluate, register, segment,
+train with a config file, bench, info, --help everywhere, and the demo's --quick setting."""
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from deepatlas.cli import build_parser, main
+from training_helpers import TINY
+
+TINY_FLAGS = ["--shape", "16", "16", "16", "--num-train", "4", "--num-test", "3", "--num-classes", "4",
+              "--reg-enc", "4", "8", "8", "8", "8", "--reg-dec", "8", "8", "8", "8", "4", "4",
+              "--seg-channels", "4", "8", "8", "8", "--reg-pretrain-steps", "4", "--seg-pretrain-steps", "3",
+              "--semi-steps", "2", "--joint-rounds", "1", "--reg-per-seg", "2", "--eval-pairs", "3", "--no-progress"]
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One `deepatlas compare --json` run shared by the tests that need trained models."""
+    output = tmp_path_factory.mktemp("compare")
+    from contextlib import redirect_stdout
+    from io import StringIO
+    buffer = StringIO()
+    with redirect_stdout(buffer):
+        assert main(["compare", *TINY_FLAGS, "--output", str(output), "--json"]) == 0
+    return output, json.loads(buffer.getvalue())
+
+
+def test_compare_json_has_one_entry_per_method(compared):
+    output, report = compared
+    methods = [r["method"] for r in report["results"]]
+    assert methods == ["reg_only", "seg_only", "joint"]
+    by = {r["method"]: r for r in report["results"]}
+    assert by["reg_only"]["seg_dice"] is None and by["seg_only"]["reg_dice"] is None
+    for key in ("reg_dice", "seg_dice", "folding_pct", "seconds", "peak_mem_mb"):
+        assert isinstance(by["joint"][key], float), key
+    assert 0 <= by["joint"]["reg_dice"] <= 1 and 0 <= by["joint"]["seg_dice"] <= 1
+    for method in methods:
+        folder = output / method
+        assert {"model.pt", "checkpoint_latest.pt", "metrics.csv", "metrics.json", "results.json"} <= \
+            {p.name for p in folder.iterdir()}
+
+
+def test_evaluate_reproduces_the_training_runs_numbers(compared, capsys):
+    output, report = compared
+    evaluated = run_json(capsys, ["evaluate", str(output), "--json"])["results"]
+    trained = {r["method"]: r for r in report["results"]}
+    assert sorted(r["method"] for r in evaluated) == sorted(trained)
+    for row in evaluated:
+        for key in ("reg_dice", "seg_dice", "folding_pct"):
+            if trained[row["method"]][key] is None:
+                assert row[key] is None
+            else:
+                assert row[key] == pytest.approx(trained[row["method"]][key], abs=1e-6)
+
+
+def _write_subject(folder, name, seed, label=True):
+    from deepatlas.data import save_nifti, synthetic_subjects
+    subject = synthetic_subjects(1, shape=TINY["shape"], num_classes=4, seed=seed)[0]
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    save_nifti(folder / f"{name}.nii.gz", subject.image, affine)
+    if label:
+        save_nifti(folder / f"{name}_label.nii.gz", subject.label, affine)
+    return affine
+
+
+def test_register_writes_niftis_with_the_fixed_affine(compared, capsys, tmp_path):
+    output, _ = compared
+    _write_subject(tmp_path, "moving", 11)
+    affine = _write_subject(tmp_path, "fixed", 12, label=False)
+    written = run_json(capsys, ["register", str(tmp_path / "moving.nii.gz"), str(tmp_path / "fixed.nii.gz"),
+                                "--model", str(output / "joint" / "model.pt"), "--moving-label",
+                                str(tmp_path / "moving_label.nii.gz"), "--output", str(tmp_path / "out"), "--json"])
+    assert set(written) == {"warped", "ddf", "jacobian", "warped_label"}
+    for key, path in written.items():
+        image = nib.load(path)
+        np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+        assert image.shape[:3] == TINY["shape"]
+    assert nib.load(written["ddf"]).shape == (*TINY["shape"], 3)
+    labels = np.asarray(nib.load(written["warped_label"]).dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3}
+    det = np.asarray(nib.load(written["jacobian"]).dataobj)
+    assert np.isfinite(det).all()
+
+
+def test_segment_writes_a_label_map(compared, capsys, tmp_path):
+    output, _ = compared
+    affine = _write_subject(tmp_path, "image", 13, label=False)
+    written = run_json(capsys, ["segment", str(tmp_path / "image.nii.gz"), "--model", str(output / "joint"),
+                                "--output", str(tmp_path / "seg.nii.gz"), "--json"])
+    image = nib.load(written["segmentation"])
+    np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+    assert np.issubdtype(image.get_data_dtype(), np.integer)
+    assert set(np.unique(np.asarray(image.dataobj))) <= {0, 1, 2, 3}
+
+
+def test_train_with_config_file_and_flag_override(tmp_path, capsys):
+    config = {**TINY, "shape": list(TINY["shape"]), "method": "reg_only", "reg_pretrain_steps": 3,
+              "joint_rounds": 0, "num_test": 2}
+    (tmp_path / "run.yaml").write_text(json.dumps(config))  # JSON is valid YAML
+    report = run_json(capsys, ["train", "--config", str(tmp_path / "run.yaml"), "--reg-pretrain-steps", "5",
+                               "--output", str(tmp_path / "run"), "--no-progress", "--json"])
+    assert report["results"][0]["steps"] == 5
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith("step,phase,kind")
+
+
+def test_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "nope.nii.gz"), "--model", str(tmp_path)]) == 2
+    assert f"{tmp_path}/model.pt does not exist" in capsys.readouterr().err
+
+
+def test_info_and_bench_json(capsys):
+    info = run_json(capsys, ["info", "--json"])
+    assert info["cpu_kernels"] is True and "devices" in info
+    bench = run_json(capsys, ["bench", "--size", "12", "--repeats", "1", "--json"])
+    assert len(bench["results"]) == 4 and all(r["ours_ms"] > 0 and r["torch_ms"] > 0 for r in bench["results"])
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"demo", "train", "compare", "evaluate", "register", "segment", "bench", "info"}
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([name, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_console_script_demo_quick_json(tmp_path):
+    """The installed `deepatlas` entry point (or `python -m deepatlas.cli`), --quick, --json parses."""
+    result = subprocess.run([sys.executable, "-m", "deepatlas.cli", "--log-level", "WARNING", "demo", "--quick",
+                             "--json", "--no-progress", "--output", str(tmp_path / "demo")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert [r["method"] for r in report["results"]] == ["reg_only", "seg_only", "joint"]
+    figures = {p.name for p in (tmp_path / "demo" / "figures").iterdir()}
+    assert {"registration.png", "deformation_grid.png", "jacobian.png", "curves_joint.png"} <= figures
+    assert len(list((tmp_path / "demo" / "data" / "images").iterdir())) == 3
+    assert torch.load(tmp_path / "demo" / "joint" / "model.pt", weights_only=True)["num_classes"] >= 2
