@@ -5,6 +5,7 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0" (default: Volta..Hopper and newer, clamped to what nvcc supports)
   MAX_JOBS                parallel compile jobs (default: from cores and available memory)
   DEEPATLAS_DEBUG=1       -O0 -g host code, -G device code, assertions on
+  DEEPATLAS_SANITIZE=1    CPU library only, with AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh)
   CUDA_HOME               toolkit root (default: found from nvcc, following wrapper scripts)
 
 This file must not import the package (setup.py loads it by path) and imports torch lazily.
@@ -29,6 +30,10 @@ CUDA_SOURCES = ("cuda/sample_kernels.cu", "cuda/labels_kernels.cu", "cuda/jacobi
                 "cuda/dice_kernels.cu", "cuda/ops_cuda.cpp")
 
 NVCC_JOB_GB = 2.5  # peak resident memory of one nvcc job on these kernels, rounded up
+
+# Compile and link flags of a DEEPATLAS_SANITIZE=1 build: any UBSan report aborts instead of printing and going on;
+# -g puts file and line numbers into the reports.
+SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g")
 
 
 @dataclasses.dataclass
@@ -176,11 +181,19 @@ def default_max_jobs() -> int:
 def build_params(csrc: Path | None = None) -> BuildParams:
     csrc = Path(csrc) if csrc is not None else Path(__file__).resolve().parent.parent / "csrc"
     debug = os.environ.get("DEEPATLAS_DEBUG", "0") == "1"
+    sanitize = os.environ.get("DEEPATLAS_SANITIZE", "0") == "1"
     cuda_home = find_cuda_home()
-    with_cuda, reason = decide_cuda(cuda_home)
+    # The sanitizers instrument host code only: a sanitized build is CPU-only.
+    with_cuda, reason = (False, "DEEPATLAS_SANITIZE=1") if sanitize else decide_cuda(cuda_home)
     archs = resolve_arch_list(cuda_home) if with_cuda else []
-    opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx = ["-fopenmp", *opt]
+    if debug:
+        opt = ["-O0", "-g"]
+    elif sanitize:
+        opt = ["-O1"]  # the level the sanitizer docs recommend: usable speed, reports that point at the source
+    else:
+        opt = ["-O3", "-DNDEBUG"]
+    sanitizer = list(SANITIZE_FLAGS) if sanitize else []
+    cxx = ["-fopenmp", *opt, *sanitizer]
     nvcc = ["-G", "-g"] if debug else ["-O3", "-DNDEBUG", "-lineinfo"]
     return BuildParams(
         csrc=csrc,
@@ -193,7 +206,7 @@ def build_params(csrc: Path | None = None) -> BuildParams:
         max_jobs=int(os.environ.get("MAX_JOBS") or default_max_jobs()),
         cxx_flags=cxx,
         nvcc_flags=nvcc,
-        ld_flags=["-fopenmp"],
+        ld_flags=["-fopenmp", *sanitizer],
     )
 
 

@@ -21,6 +21,10 @@ constexpr double kOutsideCoord = -100.0;
 // [-1, 1] -> voxel index space; *factor = d(result)/d(coord).
 template <typename acc_t>
 DA_HD acc_t unnormalize_coord(acc_t coord, int64_t size, bool align_corners, acc_t* factor) {
+  if (align_corners && size == 1) {  // every finite coordinate maps to the only voxel; +-inf and NaN stay for pad_coord
+    *factor = 0;
+    return da_isfinite(coord) ? static_cast<acc_t>(0) : coord;
+  }
   if (align_corners) {
     *factor = static_cast<acc_t>(size - 1) / 2;
     return ((coord + 1) / 2) * (size - 1);
@@ -76,6 +80,10 @@ template <typename acc_t>
 DA_HD acc_t pad_coord(acc_t in, int64_t size, Padding padding, bool align_corners, acc_t* grad) {
   acc_t out = in;
   *grad = 1;
+  if (padding == Padding::Reflection && !da_isfinite(in)) {  // before reflecting: a size-1 axis reflects to 0
+    *grad = 0;
+    return static_cast<acc_t>(kOutsideCoord);
+  }
   if (padding == Padding::Border) {
     out = clip_coord_with_grad(in, size, grad);
   } else if (padding == Padding::Reflection) {
@@ -124,8 +132,9 @@ struct Trilinear {
       w1[k] = c[k] - f;
       valid[k][0] = in_range<I>(lo[k], size[k]);
       valid[k][1] = in_range<I>(lo[k] + 1, size[k]);
-      axis_offset[k][0] = lo[k] * stride[k];
-      axis_offset[k][1] = axis_offset[k][0] + stride[k];
+      // Offsets only for neighbours inside the volume: lo may lie far outside, where lo * stride overflows I.
+      axis_offset[k][0] = valid[k][0] ? lo[k] * stride[k] : I(0);
+      axis_offset[k][1] = valid[k][1] ? (lo[k] + 1) * stride[k] : I(0);
     }
     all_inside = valid[0][0] && valid[0][1] && valid[1][0] && valid[1][1] && valid[2][0] && valid[2][1];
     for (int dz = 0; dz < 2; ++dz) {
