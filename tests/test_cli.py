@@ -153,3 +153,21 @@ def test_console_script_demo_quick_json(tmp_path):
     assert {"registration.png", "deformation_grid.png", "jacobian.png", "curves_joint.png"} <= figures
     assert len(list((tmp_path / "demo" / "data" / "images").iterdir())) == 3
     assert torch.load(tmp_path / "demo" / "joint" / "model.pt", weights_only=True)["num_classes"] >= 2
+
+
+def test_train_and_evaluate_on_a_nifti_manifest(tmp_path, capsys):
+    """User data: a CSV manifest with train / test splits, 2 of 4 training images labelled."""
+    rows = ["image,label,split"]
+    for i in range(6):
+        _write_subject(tmp_path, f"s{i}", 20 + i)
+        split = "test" if i >= 4 else "train"
+        label = f"s{i}_label.nii.gz" if i in (0, 1, 4, 5) else ""
+        rows.append(f"s{i}.nii.gz,{label},{split}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    flags = [f for f in TINY_FLAGS if f != "--no-progress"]
+    report = run_json(capsys, ["train", *flags, "--no-progress", "--data", str(tmp_path / "data.csv"),
+                               "--num-labelled", "-1", "--output", str(tmp_path / "run"), "--json"])
+    joint = report["results"][0]
+    assert joint["method"] == "joint" and 0 <= joint["reg_dice"] <= 1 and 0 <= joint["seg_dice"] <= 1
+    evaluated = run_json(capsys, ["evaluate", str(tmp_path / "run"), "--json"])["results"][0]
+    assert evaluated["seg_dice"] == pytest.approx(joint["seg_dice"], abs=1e-6)

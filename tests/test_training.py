@@ -236,6 +236,12 @@ def test_disk_full_is_a_clear_error_without_partial_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_output_path_that_cannot_be_a_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(CheckpointError, match="cannot write"):
+        save_checkpoint(tmp_path / "file" / "run" / "c.pt", {"step": 0})
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     folder = tmp_path / "ro"

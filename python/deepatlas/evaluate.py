@@ -23,14 +23,15 @@ def test_pairs(count: int, max_pairs: int) -> list[tuple[int, int]]:
 def evaluate_registration(reg_net: nn.Module, images: Tensor, labels: Tensor, num_classes: int,
                           max_pairs: int = 12) -> dict[str, float]:
     """``images`` [T, 1, D, H, W], ``labels`` [T, 1, D, H, W] int. Means over the test pairs of ``reg_dice``,
-    ``folding_pct`` and ``std_log_det``, and the per-structure Dice ``reg_dice_per_class`` (K entries, NaN for
-    structures absent from every pair)."""
+    ``folding_pct`` and ``std_log_det``, the per-structure Dice ``reg_dice_per_class`` (K entries, NaN for
+    structures absent from every pair), and ``reg_dice_before``: the Dice of the unregistered pairs."""
     if images.shape[0] < 2:
         raise ValueError(f"registration evaluation needs at least 2 test images, got {images.shape[0]}")
     was_training = reg_net.training
     reg_net.eval()
-    rows, per_class = [], []
+    rows, per_class, before = [], [], []
     for moving, fixed in test_pairs(images.shape[0], max_pairs):
+        before.append(float(metrics.mean_foreground_dice(labels[moving, 0], labels[fixed, 0], num_classes)))
         ddf = reg_net(images[moving:moving + 1], images[fixed:fixed + 1]).float()
         rows.append(metrics.registration_metrics(labels[moving:moving + 1], labels[fixed:fixed + 1], ddf,
                                                  num_classes))
@@ -39,6 +40,7 @@ def evaluate_registration(reg_net: nn.Module, images: Tensor, labels: Tensor, nu
     reg_net.train(was_training)
     result = {key: _mean([float(row[key]) for row in rows]) for key in ("reg_dice", "folding_pct", "std_log_det")}
     result["reg_dice_per_class"] = _nanmean_rows(per_class)
+    result["reg_dice_before"] = _mean(before)
     return result
 
 

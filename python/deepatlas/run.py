@@ -134,4 +134,7 @@ def results_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         lines.append(f"| {r['method']} | {show(r['reg_dice'])} | {show(r['seg_dice'])} | "
                      f"{show(r['folding_pct'], 3)} | {show(r['seconds'], 0)} | {show(r['peak_mem_mb'], 0)} |")
+    before = next((r["reg_dice_before"] for r in results if r.get("reg_dice_before") is not None), None)
+    if before is not None:
+        lines.append(f"\nDice of the test pairs before registration: {before:.3f}")
     return "\n".join(lines)

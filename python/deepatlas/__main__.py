@@ -1,0 +1,7 @@
+"""``python -m deepatlas`` = the ``deepatlas`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
