@@ -89,7 +89,10 @@ def test_bit_identical_across_thread_counts():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"source": torch.rand(1, 3, 4, 4, 4)}, TypeError, "probability sources are not supported"),
+        ({"source": torch.rand(1, 3, 4, 4, 4, dtype=torch.float64)}, ValueError, "the ddf's dtype"),
+        ({"source": torch.rand(1, 2, 4, 4, 4)}, ValueError, "num_classes=3 but the probability source has 2"),
+        ({"source": torch.rand(1, 3, 4, 4, 4), "target": torch.full((1, 1, 4, 4, 4), 3)}, ValueError,
+         r"target labels must lie in \[0, 3\)"),
         ({"num_classes": None}, ValueError, "num_classes is required"),
         ({"target": torch.rand(1, 2, 4, 4, 4)}, ValueError, "probability targets must be"),
         ({"target": torch.zeros(1, 1, 4, 4, 5, dtype=torch.long)}, ValueError, "target must be"),
@@ -137,3 +140,24 @@ def test_cuda_matches_cpu():
         results.append((dice, *torch.autograd.grad(dice.sum(), (u, p))))
     for a, b in zip(*results):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
+def test_probability_source_matches_warp_then_dice_and_gradchecks(target_kind):
+    generator = torch.Generator().manual_seed(5)
+    shape, k = (5, 4, 6), 3
+    source = torch.rand(2, k, *shape, generator=generator, dtype=torch.float64).softmax(1).requires_grad_()
+    ddf = (torch.randn(2, 3, *shape, generator=generator, dtype=torch.float64) * 1.5).requires_grad_()
+    if target_kind == "labels":
+        target = torch.randint(0, k, (2, 1, *shape), generator=generator)
+        dense = torch.nn.functional.one_hot(target[:, 0], k).movedim(-1, 1).double()
+    else:
+        target = torch.rand(2, k, *shape, generator=generator, dtype=torch.float64).softmax(1).requires_grad_()
+        dense = target
+    ours = da.warped_dice(source, ddf, target)
+    expected = reference.soft_dice(reference.warp(source, ddf, padding_mode="zeros"), dense)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+    inputs = (source, ddf) + ((target,) if target_kind == "probabilities" else ())
+    assert torch.autograd.gradcheck(lambda *x: da.warped_dice(x[0], x[1], x[2] if len(x) > 2 else target),
+                                    inputs, eps=1e-6, atol=1e-6)
+    assert da.warped_dice(source, ddf, target, include_background=False).shape == (2, k - 1)

@@ -258,23 +258,17 @@ def supervised_loss(logits: Tensor, labels: Tensor, ce_weight: float = 0.0) -> T
 
 
 def anatomy_loss(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int, eps: float = 1e-6) -> Tensor:
-    """L_a: ``1 - mean_{n, k} soft_dice(warp(source, ddf), target)``, background included.
+    """L_a: ``1 - mean_{n, k} soft_dice(warp(source, ddf), target)``, background included, by
+    :func:`deepatlas_cuda.warped_dice`.
 
-    - ``source`` integer labels ``[N or 1, 1, D, H, W]`` (uint8, int16, int32, int64): the fused
-      :func:`deepatlas_cuda.warped_dice` (trilinear warp of the one-hot map, zeros outside the volume; the warped
-      K-channel volume is never built). Differentiable w.r.t. ``ddf`` and a probability ``target``.
-    - ``source`` probabilities ``[N or 1, K, D, H, W]`` (float, e.g. the segmentation network's softmax):
-      ``deepatlas_cuda.warp(source, ddf, padding_mode='zeros')`` then soft Dice. This path builds the warped
-      K-channel volume. Differentiable w.r.t. ``source``, ``ddf`` and a probability ``target``.
+    - ``source`` integer labels ``[N or 1, 1, D, H, W]``: fused (trilinear warp of the one-hot map, zeros outside
+      the volume; the warped K-channel volume is never built). Differentiable w.r.t. ``ddf`` and a probability
+      ``target``.
+    - ``source`` probabilities ``[N or 1, K, D, H, W]`` (e.g. the segmentation network's softmax): warped with
+      zeros outside, then soft Dice; this path builds the warped K-channel volume. Differentiable w.r.t.
+      ``source``, ``ddf`` and a probability ``target``.
     - ``target``: integer labels ``[N, 1, D, H, W]`` or probabilities ``[N, K, D, H, W]`` in the ddf's dtype.
     """
     _check_ddf(ddf, "anatomy_loss")
-    if source.dtype in _INTEGER_DTYPES:
-        dice = da.warped_dice(source, ddf, target, num_classes=num_classes, include_background=True, eps=eps)
-        return 1 - dice.mean()
-    if source.dim() != 5 or source.shape[1] != num_classes:
-        raise ValueError(f"anatomy_loss: a probability source must be [N, num_classes={num_classes}, D, H, W], got "
-                         f"{tuple(source.shape)}")
-    warped = da.warp(source, ddf, padding_mode="zeros")
-    target = _target_probabilities(target, num_classes, warped, "anatomy_loss")
-    return 1 - soft_dice(warped, target, eps).mean()
+    dice = da.warped_dice(source, ddf, target, num_classes=num_classes, include_background=True, eps=eps)
+    return 1 - dice.mean()
