@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from deepatlas_cuda.reference import ddf_to_grid, identity_grid
+from deepatlas import losses
 from deepatlas.losses import (LocalNCCLoss, anatomy_loss, bending_energy_loss, diffusion_loss, folding_penalty,
                               global_ncc_loss, mse_loss, regulariser_loss, similarity_loss, soft_dice_loss,
                               supervised_loss)
@@ -233,3 +234,18 @@ def test_supervised_loss():
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_label_soft_dice_equals_the_one_hot_way_in_value_and_gradient():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 6, 7, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 1, 6, 7, 5), generator=generator)
+    labels[1][labels[1] == 3] = 0  # a class absent from one target
+    ours = losses.label_soft_dice(logits.softmax(1), labels)
+    expected = losses.soft_dice(logits.softmax(1), losses.one_hot(labels, 5, torch.float64))
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_expected,) = torch.autograd.grad(expected.sum(), logits)
+    torch.testing.assert_close(g_ours, g_expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        losses.label_soft_dice(logits.softmax(1), labels + 1)

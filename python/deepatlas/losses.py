@@ -227,6 +227,23 @@ def _target_probabilities(target: Tensor, num_classes: int, like: Tensor, op: st
     return target
 
 
+def label_soft_dice(probs: Tensor, labels: Tensor, eps: float = 1e-6) -> Tensor:
+    """``soft_dice(probs, one_hot(labels))`` ``[N, K]`` without building the one-hot: the intersection gathers each
+    voxel's probability of its true class and sums it per class (scatter-add, float64 sums), the label volume per
+    class is a count. Extra memory O(N * V) for the gathered values instead of two K-channel volumes."""
+    n, k = probs.shape[:2]
+    low, high = torch.aminmax(labels)
+    if low < 0 or high >= k:
+        raise ValueError(f"label_soft_dice: labels must lie in [0, {k}), found [{int(low)}, {int(high)}]")
+    index = labels.reshape(n, -1).long()                                  # [N, V]
+    picked = probs.reshape(n, k, -1).gather(1, index[:, None]).squeeze(1)  # [N, V]: probability of the true class
+    intersection = probs.new_zeros((n, k), dtype=torch.float64).scatter_add_(1, index, picked.double())
+    counts = probs.new_zeros((n, k), dtype=torch.float64).scatter_add_(
+        1, index, torch.ones_like(picked, dtype=torch.float64))
+    total = probs.reshape(n, k, -1).sum(-1, dtype=torch.float64) + counts
+    return ((2 * intersection + eps) / (total + eps)).to(probs.dtype)
+
+
 def _num_classes(num_classes: int | None, probs: Tensor, op: str) -> int:
     if num_classes is None:
         return probs.shape[1]
@@ -237,12 +254,18 @@ def _num_classes(num_classes: int | None, probs: Tensor, op: str) -> int:
 
 def soft_dice_loss(probs: Tensor, target: Tensor, num_classes: int | None = None, eps: float = 1e-6) -> Tensor:
     """``1 - mean_{n, k} soft_dice`` (background included) between ``probs`` ``[N, K, D, H, W]`` and ``target``:
-    integer labels ``[N, 1, D, H, W]`` (one-hot encoded) or probabilities ``[N, K, D, H, W]``. ``num_classes``
-    defaults to ``probs.shape[1]``."""
+    integer labels ``[N, 1, D, H, W]`` (:func:`label_soft_dice`, no one-hot) or probabilities ``[N, K, D, H, W]``.
+    ``num_classes`` defaults to ``probs.shape[1]``."""
     if probs.dim() != 5 or not probs.is_floating_point():
         raise ValueError(f"soft_dice_loss: probs must be float [N, K, D, H, W], got {tuple(probs.shape)} "
                          f"{probs.dtype}")
     num_classes = _num_classes(num_classes, probs, "soft_dice_loss")
+    if target.dtype in _INTEGER_DTYPES:
+        if target.dim() != 5 or target.shape[1] != 1 or target.shape[0] != probs.shape[0] \
+                or target.shape[2:] != probs.shape[2:]:
+            raise ValueError(f"soft_dice_loss: label targets must be [N, 1, D, H, W] matching probs "
+                             f"{tuple(probs.shape)}, got {tuple(target.shape)}")
+        return 1 - label_soft_dice(probs, target, eps).mean()
     target = _target_probabilities(target, num_classes, probs, "soft_dice_loss")
     return 1 - soft_dice(probs, target, eps).mean()
 
