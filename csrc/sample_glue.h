@@ -181,8 +181,10 @@ std::tuple<at::Tensor, at::Tensor> sample_backward(const SampleSpec& s, const at
     a.grad_coords = to_arg(grad_coords);
   }
   a.index64 = needs_index64({input, coords, gout, grad_input_acc, grad_coords});
-  if ((output_mask[0] || output_mask[1]) && a.num_points() > 0) Runner::run_backward(a, input.device());
-  if (output_mask[1] && a.num_points() == 0) grad_coords.zero_();
+  // No points or no channels: nothing flows back (and an empty grad_output may have no storage to index).
+  const bool work = a.num_points() > 0 && input.size(1) > 0;
+  if ((output_mask[0] || output_mask[1]) && work) Runner::run_backward(a, input.device());
+  if (output_mask[1] && !work) grad_coords.zero_();
 
   at::Tensor grad_input = output_mask[0] ? grad_input_acc.to(input.scalar_type()) : at::empty({0}, input.options());
   if (!output_mask[1]) grad_coords = at::empty({0}, coords.options());
