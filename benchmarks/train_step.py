@@ -18,8 +18,11 @@ folding penalty, no cross-entropy). Networks: the default RegistrationNet (enc 1
                     (reference.warp_labels_soft), then soft Dice; no activation checkpointing
     warp            + deepatlas_cuda.warp for the image (no grid)
     warped_dice     + the anatomy terms by the fused deepatlas_cuda.warped_dice (deepatlas.losses.anatomy_loss with
-                    integer labels: the warped K-channel volume is never built)
-    checkpointing   + activation checkpointing in both networks (checkpointing=True) = our memory-saving settings
+                    integer labels: the warped K-channel volume is never built), and the supervised Dice from the
+                    integer labels without a one-hot (deepatlas.losses.label_soft_dice)
+    checkpointing   + activation checkpointing in both networks (checkpointing=True)
+    sequential      + the segmentation step runs F_S on the moving and the fixed image one after the other, backward
+                      in between (sequential_segmentation=True) = our memory-saving settings
     bf16            + bf16 autocast around the networks (optional; as StepLosses with amp="bf16")
 
 Each variant runs in a FRESH Python process (``--child``) with ``MALLOC_MMAP_THRESHOLD_=65536`` (every allocation of
@@ -50,18 +53,20 @@ from pathlib import Path
 import torch
 
 MB = 2**20
-VARIANTS = ("baseline", "warp", "warped_dice", "checkpointing", "bf16")
-DEFAULT_VARIANTS = VARIANTS[:4]
+VARIANTS = ("baseline", "warp", "warped_dice", "checkpointing", "sequential", "bf16")
+DEFAULT_VARIANTS = VARIANTS[:5]
 LABELS = {"baseline": "baseline (grid_sample, one-hot, no checkpointing)",
           "warp": "+ deepatlas warp",
           "warped_dice": "+ fused warped_dice",
-          "checkpointing": "+ activation checkpointing (our memory-saving default)",
+          "checkpointing": "+ activation checkpointing",
+          "sequential": "+ sequential segmentation step (our memory-saving settings)",
           "bf16": "+ bf16 autocast (CPU)"}
 
 
 def _options(variant: str) -> dict:
     level = VARIANTS.index(variant)
-    return {"da_warp": level >= 1, "fused_dice": level >= 2, "checkpointing": level >= 3, "bf16": level >= 4}
+    return {"da_warp": level >= 1, "fused_dice": level >= 2, "checkpointing": level >= 3, "sequential": level >= 4,
+            "bf16": level >= 5}
 
 
 # ---- the training step ---------------------------------------------------------------------------------------
@@ -101,6 +106,12 @@ def _make_step(options: dict, num_classes: int):
         warped = reference.warp_labels_soft(labels, ddf, num_classes)  # one-hot [1, K, ...] + grid_sample
         return 1 - reference.soft_dice(warped, target_probs).mean()
 
+    def supervised_dice(logits, labels):
+        if options["fused_dice"]:
+            return losses.supervised_loss(logits, labels)  # label_soft_dice: no one-hot
+        one_hot = losses.one_hot(labels, num_classes, logits.dtype)
+        return 1 - reference.soft_dice(logits.softmax(1), one_hot).mean()
+
     @torch.no_grad()
     def predict(image):  # F_S frozen: eval mode, as StepLosses._predict
         seg.eval()
@@ -135,14 +146,27 @@ def _make_step(options: dict, num_classes: int):
             with autocast():
                 ddf = reg(moving, fixed)
             ddf = ddf.float()
-        with autocast():
-            logits = seg(torch.cat([moving, fixed]))
-        logits = logits.float()
-        moving_logits, fixed_logits = logits[:1], logits[1:]
-        anatomy_s = anatomy(labels, ddf, fixed_logits.softmax(1))
-        supervised = losses.supervised_loss(moving_logits, labels)  # soft Dice with one-hot labels (all variants)
-        loss = 0.0 * logits.sum() + anatomy_s + supervised
-        loss.backward()
+        if options["sequential"]:  # each term depends on one image's logits: backward one image at a time
+            with autocast():
+                fixed_logits = seg(fixed).float()
+            anatomy_s = anatomy(labels, ddf, fixed_logits.softmax(1))
+            anatomy_s.backward()
+            anatomy_s = anatomy_s.detach()
+            del fixed_logits
+            with autocast():
+                moving_logits = seg(moving).float()
+            supervised = supervised_dice(moving_logits, labels)
+            supervised.backward()
+            loss = anatomy_s + supervised.detach()
+        else:
+            with autocast():
+                logits = seg(torch.cat([moving, fixed]))
+            logits = logits.float()
+            moving_logits, fixed_logits = logits[:1], logits[1:]
+            anatomy_s = anatomy(labels, ddf, fixed_logits.softmax(1))
+            supervised = supervised_dice(moving_logits, labels)
+            loss = 0.0 * logits.sum() + anatomy_s + supervised
+            loss.backward()
         seg_opt.step()
         parts.update(seg_loss=loss.item(), seg_anatomy=anatomy_s.item(), supervised=supervised.item())
         return parts

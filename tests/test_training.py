@@ -100,7 +100,7 @@ def _fixed_batch_losses(trainer, batches):
             if kind == REG:
                 _, parts = trainer.losses.registration(trainer.models, batch, "joint")
             elif kind == SEG_JOINT:
-                _, parts = trainer.losses.segmentation(trainer.models, batch)
+                parts = trainer.losses.segmentation(trainer.models, batch, lambda loss: None)
             else:
                 _, parts = trainer.losses.supervised(trainer.models, batch)
         out.update({f"{kind}.{k}": v for k, v in parts.items() if k in ("loss", "sim", "anatomy", "supervised")})
@@ -303,3 +303,21 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     assert_same_state(state_of(single), torch.load(result, weights_only=True), exact=False)
     assert (tmp_path / "ddp" / "model.pt").exists() is False  # only fit() ran; rank 0 wrote the checkpoint
     assert (tmp_path / "ddp" / LATEST).exists()
+
+
+def test_sequential_segmentation_step_equals_the_joint_one(tmp_path):
+    """With instance norm (no batch statistics), F_S on one image at a time gives the same gradients."""
+    config = tiny_config(tmp_path, seg_norm="instance", batch_size=3)
+    volumes = tiny_volumes(config, labelled=2)
+    grads = []
+    for sequential in (False, True):
+        trainer = Trainer(replace(config, sequential_segmentation=sequential), volumes, config.num_classes,
+                          progress=False)
+        batch = draw_batch(volumes, SEG_JOINT, 0, 4, 3, True, 0)
+        assert batch.moving_labelled.any() or batch.fixed_labelled.any()
+        trainer.seg_opt.zero_grad()
+        parts = trainer.losses.segmentation(trainer.models, batch, lambda loss: loss.backward())
+        grads.append(([p.grad.clone() for p in trainer.seg_module.parameters()], parts))
+    for a, b in zip(grads[0][0], grads[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert grads[0][1]["loss"] == pytest.approx(grads[1][1]["loss"], rel=1e-5)

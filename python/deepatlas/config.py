@@ -60,6 +60,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: str = "none"                  # "bf16" / "fp16" autocast (fp16 on CUDA only)
     activation_checkpointing: bool = False
+    sequential_segmentation: bool = False  # F_S on a step's moving and fixed images one after the other
     seed: int = 0
     checkpoint_every: int = 100        # steps between checkpoints (and at the end of every stage)
     log_every: int = 10

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -107,53 +108,67 @@ class StepLosses:
 
     # ---- segmentation ------------------------------------------------------------------------------------------
 
-    def segmentation(self, models: StepModels, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """Loss of a joint segmentation step (F_R frozen)."""
+    def segmentation(self, models: StepModels, batch: Batch, backward: Callable[[Tensor], None]
+                     ) -> dict[str, float]:
+        """A joint segmentation step (F_R frozen): runs ``backward`` on its loss (once, or once per image with
+        ``config.sequential_segmentation``) and returns the loss parts."""
         cfg = self.config
         with torch.no_grad():
             with self.autocast():
                 ddf = models.reg_module(batch.moving, batch.fixed)
             ddf = ddf.float()
         pairs = ddf.shape[0]
-        with self.autocast():
-            logits = models.seg_net(torch.cat([batch.moving, batch.fixed]))
-        logits = logits.float()
-        moving_logits, fixed_logits = logits[:pairs], logits[pairs:]
-        # Every logit enters the graph (times 0 where a pair has no loss), so each DDP process reduces the same
-        # parameters even when its pairs carry no labels.
-        loss = 0.0 * logits.sum()
-        anatomy_sum, supervised_sum, anatomy_count = 0.0, 0.0, 0
-        for b in range(pairs):
-            moving_ok, fixed_ok = bool(batch.moving_labelled[b]), bool(batch.fixed_labelled[b])
-            one = slice(b, b + 1)
-            terms = []
-            if moving_ok and not fixed_ok:
-                anatomy = losses.anatomy_loss(batch.moving_labels[one], ddf[one], fixed_logits[one].softmax(1),
-                                              self.num_classes)
-                supervised = losses.supervised_loss(moving_logits[one], batch.moving_labels[one], cfg.ce_weight)
-                terms = [cfg.lambda_a * anatomy, cfg.lambda_sp * supervised]
-            elif fixed_ok and not moving_ok:
-                anatomy = losses.anatomy_loss(moving_logits[one].softmax(1), ddf[one], batch.fixed_labels[one],
-                                              self.num_classes)
-                supervised = losses.supervised_loss(fixed_logits[one], batch.fixed_labels[one], cfg.ce_weight)
-                terms = [cfg.lambda_a * anatomy, cfg.lambda_sp * supervised]
-            elif moving_ok and fixed_ok:
-                supervised = (losses.supervised_loss(moving_logits[one], batch.moving_labels[one], cfg.ce_weight)
-                              + losses.supervised_loss(fixed_logits[one], batch.fixed_labels[one], cfg.ce_weight))
-                anatomy = None
-                terms = [cfg.lambda_sp * supervised]
-            else:
-                continue
-            loss = loss + sum(terms) / pairs
-            supervised_sum += supervised.item()
-            if anatomy is not None:
-                anatomy_sum += anatomy.item()
-                anatomy_count += 1
-        parts = {"loss": loss.item(), "supervised": supervised_sum / pairs}
-        if anatomy_count:
-            parts["anatomy"] = anatomy_sum / anatomy_count
+        flags = [(bool(m), bool(f)) for m, f in zip(batch.moving_labelled.tolist(), batch.fixed_labelled.tolist())]
+        logged: dict[str, list[float]] = {"supervised": [], "anatomy": []}
+
+        def terms(logits: Tensor, side: str) -> Tensor:
+            """The terms of the step's loss that depend on F_S of the ``side`` images (each term depends on one
+            image only, which is what lets the two sides run one after the other)."""
+            # Every logit enters the graph (times 0 where a pair has no loss), so each DDP process reduces the
+            # same parameters even when its pairs carry no labels.
+            loss = 0.0 * logits.sum()
+            for b, (moving_ok, fixed_ok) in enumerate(flags):
+                one = slice(b, b + 1)
+                own_ok, other_ok = (moving_ok, fixed_ok) if side == "moving" else (fixed_ok, moving_ok)
+                own_labels = (batch.moving_labels if side == "moving" else batch.fixed_labels)[one]
+                if own_ok:  # L_sp on a labelled image
+                    supervised = losses.supervised_loss(logits[one], own_labels, cfg.ce_weight)
+                    term = cfg.lambda_sp * supervised
+                    logged["supervised"].append(supervised.item())
+                elif other_ok:  # L_a between the labelled side and F_S's prediction on this side
+                    probs = logits[one].softmax(1)
+                    if side == "moving":
+                        anatomy = losses.anatomy_loss(probs, ddf[one], batch.fixed_labels[one], self.num_classes)
+                    else:
+                        anatomy = losses.anatomy_loss(batch.moving_labels[one], ddf[one], probs, self.num_classes)
+                    term = cfg.lambda_a * anatomy
+                    logged["anatomy"].append(anatomy.item())
+                else:
+                    continue
+                loss = loss + term / pairs
+            return loss
+
+        total = 0.0
+        if cfg.sequential_segmentation:
+            for side, images in (("moving", batch.moving), ("fixed", batch.fixed)):
+                with self.autocast():
+                    logits = models.seg_net(images)
+                loss = terms(logits.float(), side)
+                backward(loss)
+                total += loss.item()
+                del logits, loss
+        else:
+            with self.autocast():
+                logits = models.seg_net(torch.cat([batch.moving, batch.fixed]))
+            logits = logits.float()
+            loss = terms(logits[:pairs], "moving") + terms(logits[pairs:], "fixed")
+            backward(loss)
+            total = loss.item()
+        parts = {"loss": total, "supervised": sum(logged["supervised"]) / pairs}
+        if logged["anatomy"]:
+            parts["anatomy"] = sum(logged["anatomy"]) / len(logged["anatomy"])
             parts["dice"] = 1.0 - parts["anatomy"]
-        return loss, parts
+        return parts
 
     def supervised(self, models: StepModels, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """Loss of a supervised segmentation step on labelled images."""

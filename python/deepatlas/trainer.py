@@ -195,10 +195,12 @@ class Trainer:
         else:
             self.seg_module.train()
             if kind == SEG_JOINT:
-                loss, parts = self.losses.segmentation(self.models, batch)
+                self.seg_opt.zero_grad(set_to_none=True)
+                parts = self.losses.segmentation(self.models, batch, self._backward)
+                self._step(self.seg_opt)
             else:
                 loss, parts = self.losses.supervised(self.models, batch)
-            self._optimise(self.seg_opt, loss)
+                self._optimise(self.seg_opt, loss)
         if not math.isfinite(parts["loss"]):
             raise FloatingPointError(f"step {self.step} ({phase.name}, {kind}): the loss is {parts['loss']}; "
                                      f"lower config.lr or check the data")
@@ -208,7 +210,13 @@ class Trainer:
 
     def _optimise(self, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         optimiser.zero_grad(set_to_none=True)
+        self._backward(loss)
+        self._step(optimiser)
+
+    def _backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
+
+    def _step(self, optimiser: torch.optim.Optimizer) -> None:
         self.scaler.step(optimiser)
         self.scaler.update()
 
