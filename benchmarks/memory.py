@@ -89,7 +89,7 @@ def saved_for_backward(case: Case, impl: str, inputs: dict[str, torch.Tensor] | 
 # ---- (b) peak memory in a fresh process ------------------------------------------------------------------------
 
 
-def _proc_status_kb(key: str) -> int | None:
+def proc_status_kb(key: str) -> int | None:
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -100,7 +100,7 @@ def _proc_status_kb(key: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -133,11 +133,11 @@ def _child(case: Case, impl: str, threads: int) -> dict:
         result.update(method="cuda.max_memory_allocated", baseline_bytes=base,
                       peak_increase_bytes=torch.cuda.max_memory_allocated() - base)
         return result
-    reset = _reset_peak_rss()
-    base_rss_kb = _proc_status_kb("VmRSS")
+    reset = reset_peak_rss()
+    base_rss_kb = proc_status_kb("VmRSS")
     base_maxrss_kb = _maxrss_kb()
     run()
-    hwm_kb = _proc_status_kb("VmHWM")
+    hwm_kb = proc_status_kb("VmHWM")
     maxrss_kb = _maxrss_kb()
     result.update(baseline_bytes=(base_rss_kb or 0) * 1024, ru_maxrss_before_kb=base_maxrss_kb,
                   ru_maxrss_after_kb=maxrss_kb)

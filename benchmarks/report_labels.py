@@ -99,11 +99,11 @@ def peak_in_child(case: str, impl: str, size: str, threads: int) -> float | None
 def child(case: str, impl: str, size: str, threads: int) -> None:
     torch.set_num_threads(threads)
     step = make_step(case, impl, make_inputs(case, cases.size_shape(size)))
-    before = memory._proc_status_kb("VmRSS")
-    if not memory._reset_peak_rss():
+    before = memory.proc_status_kb("VmRSS")
+    if not memory.reset_peak_rss():
         before = memory._maxrss_kb()
     step()
-    peak = memory._proc_status_kb("VmHWM") or memory._maxrss_kb()
+    peak = memory.proc_status_kb("VmHWM") or memory._maxrss_kb()
     print(json.dumps({"peak_mb": (peak - before) / 1024}))
 
 

@@ -52,6 +52,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import proc_status_kb, reset_peak_rss  # noqa: E402
+
 MB = 2**20
 VARIANTS = ("baseline", "warp", "warped_dice", "checkpointing", "sequential", "bf16")
 DEFAULT_VARIANTS = VARIANTS[:5]
@@ -177,26 +180,6 @@ def _make_step(options: dict, num_classes: int):
 # ---- measurement in a fresh process --------------------------------------------------------------------------
 
 
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _child(variant: str, size, num_classes: int, threads: int, warmup: int) -> dict:
     torch.set_num_threads(threads)
     options = _options(variant)
@@ -206,18 +189,18 @@ def _child(variant: str, size, num_classes: int, threads: int, warmup: int) -> d
     warmup_s = time.perf_counter() - start
     inputs = _make_inputs(size, num_classes)
     gc.collect()
-    exact = _reset_peak()
-    base_kb = _status_kb("VmRSS")
+    exact = reset_peak_rss()
+    base_kb = proc_status_kb("VmRSS")
     phase = {}
 
     def between() -> None:  # peak of the registration step, then a fresh mark for the segmentation step
-        phase["reg_kb"] = _status_kb("VmHWM")
-        _reset_peak()
+        phase["reg_kb"] = proc_status_kb("VmHWM")
+        reset_peak_rss()
 
     start = time.perf_counter()
     parts = step(inputs, between if exact else None)
     step_s = time.perf_counter() - start
-    seg_kb = _status_kb("VmHWM")
+    seg_kb = proc_status_kb("VmHWM")
     if exact:
         peak_kb = max(phase["reg_kb"], seg_kb)
     else:  # lifetime peak: includes the warm-up (small) and anything before

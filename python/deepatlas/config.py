@@ -6,11 +6,12 @@ lists every field with its meaning and says where a default departs from the pap
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .records import DictRecord
 
 METHODS = ("joint", "reg_only", "reg_anatomy", "seg_only")
 SIMILARITIES = ("ncc", "lncc", "mse")
@@ -20,7 +21,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictRecord):
     # ---- data
     data: str = "synthetic"            # "synthetic", "mni", a folder (images/, labels/) or a .csv / .json manifest
     num_train: int = 12                # synthetic / mni: training subjects to generate
@@ -95,17 +96,6 @@ class TrainConfig:
                 raise ValueError(f"config.{name} must be > 0, got {getattr(self, name)}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise ValueError("config.amp='fp16' needs a CUDA device; use 'bf16' or 'none' on the CPU")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -6,15 +6,15 @@ world position (up to interpolation) through the whole pipeline.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import nibabel.orientations as nio
 import numpy as np
 from scipy import ndimage
+
+from ..records import DictRecord
 
 
 def normalise_intensity(image: np.ndarray, percentiles: tuple[float, float] | None = (0.5, 99.5)) -> np.ndarray:
@@ -90,7 +90,7 @@ def remap_labels(label: np.ndarray, table: dict[int, int], source: str = "label"
 
 
 @dataclass
-class Preprocess:
+class Preprocess(DictRecord):
     """Which preprocessing steps to apply to a loaded volume (each one optional; None switches it off).
 
     Order: reorient to ``orientation`` -> resample to ``spacing`` (mm) or to ``shape`` (voxels; give one of the
@@ -136,18 +136,6 @@ class Preprocess:
             self.label_map = {int(k): int(v) for k, v in self.label_map.items()}
             if min(self.label_map.values(), default=0) < 0:
                 raise ValueError(f"Preprocess.label_map must map to labels >= 0, got {self.label_map}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable record (tuples as lists), the inverse of ``from_dict``."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Preprocess":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Preprocess field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
 
     def digest(self) -> str:
         """A short hash of the settings (part of the cache key)."""
