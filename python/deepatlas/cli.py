@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--quick", dest="preset", action="store_const", const="quick",
                        help="under a minute on a 2-core CPU (a smoke test, not real results)")
     speed.add_argument("--long", dest="preset", action="store_const", const="long",
-                       help="a longer setting for real results (about an hour on a 2-core CPU)")
+                       help="a longer setting for real results (64^3, 8 structures, 10x the steps)")
     demo.set_defaults(preset="default")
     demo.add_argument("--data", choices=["synthetic", "mni"], default="synthetic",
                       help="synthetic anatomy, or the MNI152 template from the installed nilearn package")

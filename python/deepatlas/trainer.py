@@ -53,7 +53,6 @@ class Trainer:
     def __init__(self, config: TrainConfig, volumes: Volumes, num_classes: int, output: str | Path | None = None,
                  lr_axis: int = 0, progress: bool = True) -> None:
         self.config = config
-        self.volumes = volumes
         self.num_classes = num_classes
         self.output = Path(output if output is not None else config.output)
         self.lr_axis = lr_axis
@@ -76,8 +75,8 @@ class Trainer:
         self.peak = PeakMemory(self.device)
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
-        self.volumes_on_device = Volumes(volumes.images.to(self.device), volumes.labels.to(self.device),
-                                         volumes.labelled.to(self.device))
+        self.volumes = Volumes(volumes.images.to(self.device), volumes.labels.to(self.device),
+                               volumes.labelled.to(self.device))
 
     @property
     def is_main(self) -> bool:
@@ -184,7 +183,7 @@ class Trainer:
 
     def _train_step(self, phase, kind: str) -> dict[str, float]:
         cfg = self.config
-        batch = draw_batch(self.volumes_on_device, kind, cfg.seed, self.step, cfg.batch_size, cfg.flip,
+        batch = draw_batch(self.volumes, kind, cfg.seed, self.step, cfg.batch_size, cfg.flip,
                            self.lr_axis, self.rank, self.world_size)
         self.peak.reset()
         start = time.perf_counter()
