@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   log_every=5, checkpoint_every=50),
     "default": dict(shape=(32, 32, 32), num_train=10, num_test=4, num_classes=6, reg_enc=(8, 16, 16, 16, 16),
                     reg_dec=(16, 16, 16, 16, 8, 8), seg_channels=(4, 8, 16, 32), lr=2e-3, ce_weight=1.0,
-                    reg_pretrain_steps=150, seg_pretrain_steps=150, semi_steps=60, joint_rounds=8, reg_per_seg=10,
+                    reg_pretrain_steps=400, seg_pretrain_steps=150, semi_steps=100, joint_rounds=15, reg_per_seg=10,
                     eval_pairs=12, log_every=10, checkpoint_every=100),
     "long": dict(shape=(64, 64, 64), num_train=20, num_test=6, num_classes=8, reg_pretrain_steps=1500,
                  seg_pretrain_steps=300, semi_steps=200, joint_rounds=40, reg_per_seg=20, eval_pairs=30,
