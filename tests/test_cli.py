@@ -169,5 +169,6 @@ def test_train_and_evaluate_on_a_nifti_manifest(tmp_path, capsys):
                                "--num-labelled", "-1", "--output", str(tmp_path / "run"), "--json"])
     joint = report["results"][0]
     assert joint["method"] == "joint" and 0 <= joint["reg_dice"] <= 1 and 0 <= joint["seg_dice"] <= 1
+    assert len(list((tmp_path / "run" / "data_cache").iterdir())) == 6  # preprocessed once, reused by evaluate
     evaluated = run_json(capsys, ["evaluate", str(tmp_path / "run"), "--json"])["results"][0]
     assert evaluated["seg_dice"] == pytest.approx(joint["seg_dice"], abs=1e-6)

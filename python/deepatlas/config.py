@@ -32,6 +32,7 @@ class TrainConfig(DictRecord):
     data_seed: int = 0
     flip: bool = True                  # random left-right flips of both images of a pair (augmentation)
     preprocess: dict[str, Any] = field(default_factory=dict)  # files: deepatlas.data.Preprocess fields ({} = defaults)
+    num_workers: int = 2               # files: loader workers; preprocessed volumes cached in output/data_cache
     # ---- networks
     reg_enc: tuple[int, ...] = (16, 32, 32, 32, 32)
     reg_dec: tuple[int, ...] = (32, 32, 32, 32, 16, 16)
@@ -82,6 +83,8 @@ class TrainConfig(DictRecord):
             setattr(self, name, tuple(int(v) for v in getattr(self, name)))
         if len(self.shape) != 3 or any(s < 1 for s in self.shape):
             raise ValueError(f"config.shape must be three positive ints, got {self.shape}")
+        if self.num_workers < 0:
+            raise ValueError(f"config.num_workers must be >= 0, got {self.num_workers}")
         if self.num_labelled < -1:
             raise ValueError(f"config.num_labelled must be >= 0, or -1 for all, got {self.num_labelled}")
         nonnegative = ("reg_pretrain_steps", "seg_pretrain_steps", "semi_steps", "joint_rounds", "num_test",

@@ -47,7 +47,8 @@ def prepare_data(config: TrainConfig) -> Dataset:
                                            num_classes=config.num_classes, seed=config.data_seed, base=config.data)
         train, test = subjects[:config.num_train], subjects[config.num_train:]
     else:
-        subjects = data.load_dataset(config.data, preprocess=preprocess_of(config))
+        subjects = data.load_dataset(config.data, preprocess=preprocess_of(config),
+                                     cache_dir=Path(config.output) / "data_cache", num_workers=config.num_workers)
         train = [s for s in subjects if s.split == "train"]
         test = [s for s in subjects if s.split == "test" and s.label is not None]
     if len(train) < 2:
