@@ -92,6 +92,8 @@ def write_figures(output: Path, dataset: Dataset, config: TrainConfig) -> None:
     seg_only = load_model(output / "seg_only", config.device)
     figures.plot_segmentation(images[0, 0], folder / "segmentation_seg_only.png", label=labels[0, 0],
                               prediction=seg_only.seg_net(images[0:1]).argmax(1)[0])
-    rows = json.loads((output / "joint" / "metrics.json").read_text())
-    figures.plot_curves(rows, folder / "curves_joint.png")
+    rows = [{**row, "phase": f"{row['phase']} ({row['kind']})"}
+            for row in json.loads((output / "joint" / "metrics.json").read_text())]
+    figures.plot_curves(rows, folder / "curves_joint.png",
+                        keys=["loss", "sim", "smooth", "supervised", "anatomy", "dice", "peak_mem_mb"])
 
