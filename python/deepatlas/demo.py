@@ -16,17 +16,18 @@ from .run import Dataset, compare, prepare_data, results_table
 
 log = logging.getLogger("deepatlas")
 
-# One-shot (num_labelled=1) on 32^3 / 64^3 synthetic subjects. Step counts are per method; the baselines get the
-# same number of steps of the network they train as the joint model (see deepatlas.schedule).
+# One-shot (num_labelled=1) on 32^3 / 64^3 synthetic subjects (the default: 9 structures, pairs of them with nearly
+# equal intensities, so one labelled image does not teach segmentation on its own). Step counts are per method; the
+# baselines get the same number of steps of the network they train as the joint model (see deepatlas.schedule).
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(shape=(32, 32, 32), num_train=6, num_test=3, num_classes=6, reg_enc=(8, 16, 16, 16, 16),
                   reg_dec=(16, 16, 16, 16, 8, 8), seg_channels=(4, 8, 16, 32), reg_pretrain_steps=20,
                   seg_pretrain_steps=10, semi_steps=5, joint_rounds=2, reg_per_seg=5, eval_pairs=6,
                   log_every=5, checkpoint_every=50),
-    "default": dict(shape=(32, 32, 32), num_train=10, num_test=4, num_classes=6, reg_enc=(8, 16, 16, 16, 16),
+    "default": dict(shape=(32, 32, 32), num_train=10, num_test=4, num_classes=10, reg_enc=(8, 16, 16, 16, 16),
                     reg_dec=(16, 16, 16, 16, 8, 8), seg_channels=(4, 8, 16, 32), lr=2e-3, ce_weight=1.0,
-                    reg_pretrain_steps=400, seg_pretrain_steps=150, semi_steps=100, joint_rounds=15, reg_per_seg=10,
-                    eval_pairs=12, log_every=10, checkpoint_every=100),
+                    lambda_a=0.3, reg_pretrain_steps=400, seg_pretrain_steps=400, semi_steps=300, joint_rounds=30,
+                    reg_per_seg=5, eval_pairs=12, log_every=10, checkpoint_every=100),
     "long": dict(shape=(64, 64, 64), num_train=20, num_test=6, num_classes=8, reg_pretrain_steps=1500,
                  seg_pretrain_steps=300, semi_steps=200, joint_rounds=40, reg_per_seg=20, eval_pairs=30,
                  log_every=20, checkpoint_every=200),
