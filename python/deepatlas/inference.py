@@ -89,15 +89,12 @@ def evaluate_runs(run: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
 
 
 def _read(path: Path, preprocess, label_path: Path | None = None):
-    from .data.nifti import check_label_values, read_volume
-    image, affine, _ = read_volume(Path(path))
-    label = None
-    if label_path is not None:
-        label, label_affine, _ = read_volume(Path(label_path))
-        if label.shape != image.shape or not np.allclose(label_affine, affine, atol=1e-4):
-            raise ValueError(f"label {label_path} does not match image {path} in shape or affine")
-        label = check_label_values(label, Path(label_path))
-    return preprocess.apply(np.asarray(image, dtype=np.float32), label, affine, source=str(path))
+    """(image, label or None, affine) of one NIfTI file (and its label map), checked and preprocessed exactly as
+    training data is (:func:`deepatlas.data.nifti.load_entry`)."""
+    from .data.nifti import Entry, load_entry
+    subject = load_entry(Entry(Path(path), None if label_path is None else Path(label_path), "test", Path(path).name),
+                         preprocess)
+    return subject.image, subject.label, subject.affine
 
 
 def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Path,
