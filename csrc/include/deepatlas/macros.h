@@ -20,6 +20,19 @@ namespace deepatlas {
 
 DA_HD float da_floor(float v) { return floorf(v); }
 DA_HD double da_floor(double v) { return floor(v); }
+// floor for |v| <= 2^30 (callers bound coordinates first): one truncation and a compare, where g++ without SSE4.1
+// would otherwise emulate floorf with a long sequence.
+template <typename acc_t>
+DA_HD acc_t da_floor_bounded(acc_t v) {
+#ifdef __CUDA_ARCH__
+  return da_floor(v);
+#else
+  const acc_t t = static_cast<acc_t>(static_cast<int32_t>(v));
+  return t > v ? t - 1 : t;
+#endif
+}
+DA_HD float da_fabs(float v) { return fabsf(v); }
+DA_HD double da_fabs(double v) { return fabs(v); }
 DA_HD float da_fmod(float a, float b) { return fmodf(a, b); }
 DA_HD double da_fmod(double a, double b) { return fmod(a, b); }
 // Round half to even, as torch's nearest mode does (std::nearbyint under the default rounding mode).

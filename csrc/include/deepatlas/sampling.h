@@ -33,20 +33,16 @@ DA_HD acc_t unnormalize_coord(acc_t coord, int64_t size, bool align_corners, acc
   return ((coord + 1) * size - 1) / 2;
 }
 
-// Clamp into [0, size - 1]; the gradient is 0 on and beyond the borders (torch's convention).
+// Clamp into [0, size - 1]; the gradient is 0 on and beyond the borders (torch's convention). Written as selects
+// (no branches) so that a CPU loop over points vectorises; NaN passes through with gradient 1, as in torch.
 template <typename acc_t>
 DA_HD acc_t clip_coord_with_grad(acc_t in, int64_t size, acc_t* grad) {
-  if (in <= static_cast<acc_t>(0)) {
-    *grad = 0;
-    return 0;
-  }
   const acc_t max = static_cast<acc_t>(size - 1);
-  if (in >= max) {
-    *grad = 0;
-    return max;
-  }
-  *grad = 1;
-  return in;
+  const bool low = in <= static_cast<acc_t>(0);
+  const bool high = in >= max;
+  *grad = (low || high) ? acc_t(0) : acc_t(1);
+  const acc_t out = low ? acc_t(0) : in;
+  return high ? max : out;
 }
 
 // Reflect into [twice_low / 2, twice_high / 2]; *grad is +1 or -1.
@@ -97,11 +93,10 @@ DA_HD acc_t pad_coord(acc_t in, int64_t size, Padding padding, bool align_corner
     out = clip_coord_with_grad(out, size, &clip_grad);
     *grad = reflect_grad * clip_grad;
   }
-  if (!da_isfinite(out) || out > static_cast<acc_t>(kMaxSafeCoord) || out < static_cast<acc_t>(-kMaxSafeCoord)) {
-    *grad = 0;
-    return static_cast<acc_t>(kOutsideCoord);
-  }
-  return out;
+  // One compare catches NaN, +-inf and huge values (a select, not a branch).
+  const bool safe = da_fabs(out) <= static_cast<acc_t>(kMaxSafeCoord);
+  *grad = safe ? *grad : acc_t(0);
+  return safe ? out : static_cast<acc_t>(kOutsideCoord);
 }
 
 template <typename I>
@@ -123,20 +118,31 @@ struct Trilinear {
 
   DA_HD Trilinear(const acc_t c[3], const I size[3], const I stride[3]) {
     I lo[3];
-    I axis_offset[3][2];
     bool valid[3][2];
     for (int k = 0; k < 3; ++k) {
-      const acc_t f = da_floor(c[k]);
+      const acc_t f = da_floor_bounded(c[k]);  // |c| <= 2^30 after pad_coord
       lo[k] = static_cast<I>(f);
       w0[k] = (f + 1) - c[k];
       w1[k] = c[k] - f;
       valid[k][0] = in_range<I>(lo[k], size[k]);
       valid[k][1] = in_range<I>(lo[k] + 1, size[k]);
-      // Offsets only for neighbours inside the volume: lo may lie far outside, where lo * stride overflows I.
+    }
+    all_inside = valid[0][0] && valid[0][1] && valid[1][0] && valid[1][1] && valid[2][0] && valid[2][1];
+    if (all_inside) {  // the common case: corner offsets are the lower corner's plus fixed steps
+      const I base = lo[0] * stride[0] + lo[1] * stride[1] + lo[2] * stride[2];
+      for (int corner = 0; corner < 8; ++corner) {
+        offset[corner] = base + ((corner >> 2) ? stride[0] : I(0)) + (((corner >> 1) & 1) ? stride[1] : I(0)) +
+                         ((corner & 1) ? stride[2] : I(0));
+        inside[corner] = true;
+      }
+      return;
+    }
+    // Offsets only for neighbours inside the volume: lo may lie far outside, where lo * stride overflows I.
+    I axis_offset[3][2];
+    for (int k = 0; k < 3; ++k) {
       axis_offset[k][0] = valid[k][0] ? lo[k] * stride[k] : I(0);
       axis_offset[k][1] = valid[k][1] ? (lo[k] + 1) * stride[k] : I(0);
     }
-    all_inside = valid[0][0] && valid[0][1] && valid[1][0] && valid[1][1] && valid[2][0] && valid[2][1];
     for (int dz = 0; dz < 2; ++dz) {
       for (int dy = 0; dy < 2; ++dy) {
         for (int dx = 0; dx < 2; ++dx) {
