@@ -105,22 +105,28 @@ def test_broadcast_gradcheck_float64():
 
 
 @pytest.mark.parametrize("scale", [0.5, 4.0, 40.0])
-def test_scatter_is_bit_identical_across_thread_counts(scale):
-    """The input-gradient scatter uses fixed chunks (independent of the thread count) and no atomics."""
-    image = torch.randn(2, 2, 24, 20, 16, requires_grad=True)
-    ddf = random_ddf(2, 24, 20, 16, scale=scale).requires_grad_()
-    grad_out = torch.randn(2, 2, 24, 20, 16)
+@pytest.mark.parametrize("image_batch,batch,channels", [(2, 2, 2), (1, 1, 1), (1, 3, 1)])
+@pytest.mark.parametrize("mode,padding", [("bilinear", "zeros"), ("bilinear", "border"), ("nearest", "reflection")])
+def test_scatter_is_bit_identical_across_thread_counts(scale, image_batch, batch, channels, mode, padding):
+    """No atomics, and each input voxel sums its contributions in output-point order whatever the thread count
+    (with N = C = 1 the scatter splits the input's z-planes between threads)."""
+    image = torch.randn(image_batch, channels, 24, 20, 16, requires_grad=True)
+    ddf = random_ddf(batch, 24, 20, 16, scale=scale).requires_grad_()
+    grad_out = torch.randn(batch, channels, 24, 20, 16)
     threads = torch.get_num_threads()
     results = []
     try:
-        for count in (1, 2, 3):
+        for count in (1, 2, 3, 5):
             torch.set_num_threads(count)
-            results.append(grads(da.warp(image, ddf, "bilinear", "zeros"), (image, ddf), grad_out))
+            results.append(grads(da.warp(image, ddf, mode, padding), (image, ddf), grad_out))
     finally:
         torch.set_num_threads(threads)
+    image64 = image.detach().double().requires_grad_()
+    expected = grads(reference.warp(image64, ddf.detach().double(), mode, padding), (image64,), grad_out.double())
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+    torch.testing.assert_close(results[0][0].double(), expected[0], rtol=1e-5, atol=1e-5)
 
 
 def test_opcheck():
@@ -168,3 +174,23 @@ def test_bad_types():
         da.warp(torch.randn(1, 1, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="same device"):
         da.warp(torch.randn(1, 1, 2, 2, 2), torch.randn(1, 3, 2, 2, 2, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode,padding", [("bilinear", "zeros"), ("bilinear", "border"), ("bilinear", "reflection"),
+                                          ("nearest", "zeros"), ("nearest", "border")])
+@pytest.mark.parametrize("image_batch", [1, 2])
+def test_pair_scatter_equals_scatter(monkeypatch, dtype, mode, padding, image_batch):
+    """The deterministic pair path that CUDA takes under use_deterministic_algorithms, run on the CPU: the same
+    per-point code writes (index, value) pairs that index_put_ sums; it must equal the plain scatter."""
+    image = torch.randn(image_batch, 3, 7, 8, 9, dtype=dtype)
+    ddf = random_ddf(2, 7, 8, 9, dtype=dtype, scale=3.0)
+    grad_out = torch.randn(2, 3, 7, 8, 9, dtype=dtype)
+    inputs = (image.requires_grad_(), ddf.requires_grad_())
+    expected = grads(da.warp(*inputs, mode, padding), inputs, grad_out)
+    monkeypatch.setenv("DEEPATLAS_FORCE_PAIR_SCATTER", "1")
+    actual = grads(da.warp(*inputs, mode, padding), inputs, grad_out)
+    only_image = grads(da.warp(image, ddf.detach(), mode, padding), (image,), grad_out)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(actual[1], expected[1])
+    assert torch.equal(only_image[0], actual[0])
