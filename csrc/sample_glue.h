@@ -1,6 +1,7 @@
 // Torch-side glue for the sampler ops, shared by the CPU and CUDA backends: argument checks (a safety net: the
 // Python layer already raised a readable error), output allocation, and SampleArgs construction. The per-voxel
-// work happens in a backend runner passed in as `Runner` (run_forward / run_backward, given the device).
+// work happens in a backend runner passed in as `Runner` (run_forward / run_backward / run_backward_pairs, given the
+// device; kAtomicScatter says whether its run_backward scatters the input gradient with atomics).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +11,7 @@
 #include <cstdlib>
 #include <tuple>
 
+#include "deepatlas/pair_scatter.h"
 #include "deepatlas/sample_args.h"
 
 namespace deepatlas {
@@ -152,6 +154,41 @@ at::Tensor sample_forward(const SampleSpec& s, const at::Tensor& input, const at
   return out;
 }
 
+// DEEPATLAS_FORCE_PAIR_SCATTER=1 computes the input gradient by pairs on every device (to test that path on the
+// CPU against the plain scatter).
+inline bool force_pair_scatter() {
+  const char* v = std::getenv("DEEPATLAS_FORCE_PAIR_SCATTER");
+  return v != nullptr && v[0] == '1';
+}
+
+// The pair path replaces a scatter with atomics when the user asked for deterministic algorithms.
+inline bool use_pair_scatter(bool atomic_scatter) {
+  return force_pair_scatter() || (atomic_scatter && at::globalContext().deterministicAlgorithms());
+}
+
+// The input gradient by pairs (deepatlas/pair_scatter.h): the runner writes (index, value) pairs for every output
+// point, and index_put_(accumulate=True) sums them per index (deterministic under use_deterministic_algorithms).
+// Costs P * C * 8 (bilinear) pairs of an int64 key and a float32 / float64 value. grad_input_acc: zeros, contiguous.
+template <typename Runner>
+at::Tensor pair_scatter(const SampleArgs& a, const at::Tensor& grad_input_acc) {
+  const int64_t numel = grad_input_acc.numel();
+  at::Tensor flat = at::zeros({numel + 1}, grad_input_acc.options());  // the last element collects unused slots
+  at::Tensor buffer = flat.narrow(0, 0, numel).view(grad_input_acc.sizes());
+  PairScatterArgs pairs;
+  pairs.sample = a;
+  pairs.sample.grad_input = to_arg(buffer);
+  pairs.slots_per_point = pair_slots_per_point(a);
+  pairs.trash = numel;
+  const int64_t slots = a.num_points() * pairs.slots_per_point;  // slot offsets are computed in int64
+  at::Tensor keys = at::empty({slots}, grad_input_acc.options().dtype(at::kLong));
+  at::Tensor values = at::empty({slots}, grad_input_acc.options());
+  pairs.keys = keys.data_ptr<int64_t>();
+  pairs.values = values.data_ptr();
+  Runner::run_backward_pairs(pairs, grad_input_acc.device());
+  flat.index_put_({keys}, values, /*accumulate=*/true);
+  return buffer;
+}
+
 template <typename Runner>
 std::tuple<at::Tensor, at::Tensor> sample_backward(const SampleSpec& s, const at::Tensor& grad_output,
                                                    const at::Tensor& input, const at::Tensor& coords,
@@ -183,7 +220,14 @@ std::tuple<at::Tensor, at::Tensor> sample_backward(const SampleSpec& s, const at
   a.index64 = needs_index64({input, coords, gout, grad_input_acc, grad_coords});
   // No points or no channels: nothing flows back (and an empty grad_output may have no storage to index).
   const bool work = a.num_points() > 0 && input.size(1) > 0;
-  if ((output_mask[0] || output_mask[1]) && work) Runner::run_backward(a, input.device());
+  if (output_mask[0] && work && use_pair_scatter(Runner::kAtomicScatter)) {
+    SampleArgs coords_only = a;
+    coords_only.grad_input = TensorArg{};
+    if (output_mask[1]) Runner::run_backward(coords_only, input.device());
+    grad_input_acc = pair_scatter<Runner>(a, grad_input_acc);
+  } else if ((output_mask[0] || output_mask[1]) && work) {
+    Runner::run_backward(a, input.device());
+  }
   if (output_mask[1] && !work) grad_coords.zero_();
 
   at::Tensor grad_input = output_mask[0] ? grad_input_acc.to(input.scalar_type()) : at::empty({0}, input.options());

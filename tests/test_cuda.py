@@ -104,3 +104,22 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.deepatlas.grid_sample_3d.default, (input, grid, 0, 1, False))
     ddf = random_ddf(2, 4, 5, 6, device="cuda")
     torch.library.opcheck(torch.ops.deepatlas.warp.default, (input, ddf, 0, 1))
+
+
+@pytest.mark.parametrize("op", ["warp", "grid_sample"])
+def test_deterministic_input_gradient_cuda(op):
+    """Under torch.use_deterministic_algorithms(True) the input gradient takes the pair path (no atomics): two runs
+    are bit-identical, and both match the CPU."""
+    image = torch.randn(1, 2, 24, 20, 16)
+    coords = random_ddf(2, 24, 20, 16, scale=3.0) if op == "warp" else random_grid(2, 24, 20, 16)
+    fn = (lambda i, u: da.warp(i, u, "bilinear", "zeros")) if op == "warp" else da.grid_sample  # noqa: E731
+    _, grads_cpu, grad_out = _forward_backward(fn, [image, coords])
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_forward_backward(fn, [image.cuda(), coords.cuda()], grad_out)[1] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][0].cpu(), grads_cpu[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][1].cpu(), grads_cpu[1], rtol=1e-5, atol=1e-5)

@@ -185,3 +185,17 @@ def test_native_op_rejects_bad_shapes_without_crashing():
         torch.ops.deepatlas.grid_sample_3d(torch.randn(1, 1, 2, 2, 2), torch.rand(1, 2, 2, 2, 4), 0, 0, False)
     with pytest.raises(RuntimeError, match="interpolation code"):
         torch.ops.deepatlas.grid_sample_3d(torch.randn(1, 1, 2, 2, 2), torch.rand(1, 2, 2, 2, 3), 7, 0, False)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_pair_scatter_equals_scatter(monkeypatch, mode, align_corners):
+    """grid_sample's input gradient by pairs (the deterministic CUDA path, forced on the CPU) equals the scatter."""
+    input = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    grid = random_grid(2, 4, 5, 3, dtype=torch.float64, spread=1.3).requires_grad_()
+    grad_out = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64)
+    expected = grads(da.grid_sample(input, grid, mode, "zeros", align_corners), (input, grid), grad_out)
+    monkeypatch.setenv("DEEPATLAS_FORCE_PAIR_SCATTER", "1")
+    actual = grads(da.grid_sample(input, grid, mode, "zeros", align_corners), (input, grid), grad_out)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(actual[1], expected[1])

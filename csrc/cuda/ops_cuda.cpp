@@ -26,11 +26,15 @@ void launch_on_current_stream(cudaError_t (*launch)(const Args&, cudaStream_t), 
 }
 
 struct CudaRunner {
+  static constexpr bool kAtomicScatter = true;  // sample_kernels.cu: atomicAdd into the input gradient
   static void run_forward(const SampleArgs& a, c10::Device device) {
     launch_on_current_stream(launch_sample_forward, a, device);
   }
   static void run_backward(const SampleArgs& a, c10::Device device) {
     launch_on_current_stream(launch_sample_backward, a, device);
+  }
+  static void run_backward_pairs(const PairScatterArgs& a, c10::Device device) {
+    launch_on_current_stream(launch_sample_backward_pairs, a, device);
   }
   static void run_labels(const LabelArgs& a, c10::Device device) { launch_on_current_stream(launch_labels, a, device); }
   static void run_jacobian(const JacobianArgs& a, c10::Device device) {

@@ -1,5 +1,6 @@
 // CUDA backend of grid_sample / warp: grid-stride kernels over output points calling the shared per-point code
-// in deepatlas/warp.h. The input gradient is a scatter with atomicAdd into a float32 (or float64) buffer.
+// in deepatlas/warp.h. The input gradient is a scatter with atomicAdd into a float32 (or float64) buffer, or, under
+// torch.use_deterministic_algorithms(True), (index, value) pairs that the glue sums deterministically.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -53,6 +54,16 @@ __global__ void backward_kernel(Coords coords, Volume<const TIn, I> input, Volum
   }
 }
 
+template <typename acc_t, typename Coords, typename TIn, typename TAcc, typename I>
+__global__ void backward_pairs_kernel(Coords coords, Volume<const TIn, I> grad_out, Volume<TAcc, I> grad_input,
+                                      OutShape<I> shape, Interp interp, Padding padding, PairScatterArgs pairs) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < shape.points;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    const Point<I> q = unravel_point<I>(static_cast<I>(p), shape.d, shape.h, shape.w);
+    sample_backward_pairs_point<acc_t>(coords, grad_out, grad_input, q, p, interp, padding, pairs);
+  }
+}
+
 int num_blocks(int64_t points) {
   const int64_t needed = (points + kThreads - 1) / kThreads;
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(needed, 1), 65535 * 8));
@@ -88,6 +99,21 @@ void backward_typed(const SampleArgs& a, cudaStream_t stream) {
           coords, make_volume<const TIn, I>(a.input), make_volume<const TIn, I>(a.output),
           make_volume<TC, I>(a.grad_coords), make_volume<TAcc, I>(a.grad_input), out_shape<I>(a), a.interp,
           a.padding);
+    });
+  });
+}
+
+template <typename TIn, typename TC>
+void backward_pairs_typed(const PairScatterArgs& pairs, cudaStream_t stream) {
+  using acc_t = typename CommonAcc<TIn, TC>::type;
+  using TAcc = acc_t;
+  const SampleArgs& a = pairs.sample;
+  dispatch_index(a.index64, [&](auto index_tag) {
+    using I = typename decltype(index_tag)::type;
+    dispatch_coords<TC, I>(a, [&](const auto& coords) {
+      backward_pairs_kernel<acc_t><<<num_blocks(a.num_points()), kThreads, 0, stream>>>(
+          coords, make_volume<const TIn, I>(a.output), make_volume<TAcc, I>(a.grad_input), out_shape<I>(a),
+          a.interp, a.padding, pairs);
     });
   });
 }
@@ -136,6 +162,13 @@ cudaError_t launch_sample_forward(const SampleArgs& args, cudaStream_t stream) {
 cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream) {
   dispatch_dtypes(args.input.dtype, args.coords.dtype, [&](auto in_tag, auto coords_tag) {
     backward_typed<typename decltype(in_tag)::type, typename decltype(coords_tag)::type>(args, stream);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_sample_backward_pairs(const PairScatterArgs& args, cudaStream_t stream) {
+  dispatch_dtypes(args.sample.input.dtype, args.sample.coords.dtype, [&](auto in_tag, auto coords_tag) {
+    backward_pairs_typed<typename decltype(in_tag)::type, typename decltype(coords_tag)::type>(args, stream);
   });
   return cudaGetLastError();
 }
