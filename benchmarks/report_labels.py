@@ -6,6 +6,8 @@
 Cases (batch 1, smooth displacement from cases.py, random integer labels):
   soft K      warp_labels(mode='soft')    vs one-hot + F.grid_sample            forward, and fwd+bwd (grad ddf)
   dice K      warped_dice (label target)  vs one-hot + F.grid_sample + soft Dice fwd+bwd (grad ddf)
+  pdice K     warped_dice (probability source, label target) vs F.grid_sample + soft Dice, fwd+bwd (grad ddf and
+              grad source): the fused op never builds the warped K-channel volume
   nearest     warp_labels (uint8)         vs F.grid_sample(nearest) on float-cast labels, forward
   jacobian    jacobian_det                vs plain finite differences + torch.linalg.det, fwd+bwd
 Peak memory: the increase of peak RSS over the inputs for one step, in a fresh process (memory.py's method).
@@ -36,7 +38,7 @@ import memory  # noqa: E402
 from report import cpu_model, fmt_ms  # noqa: E402
 
 CASES = ["soft4-fwd", "soft4-fwdbwd", "soft32-fwd", "soft32-fwdbwd", "dice4-fwdbwd", "dice32-fwdbwd",
-         "nearest-fwd", "jacobian-fwdbwd"]
+         "pdice32-fwdbwd", "nearest-fwd", "jacobian-fwdbwd"]
 
 
 def make_inputs(case: str, shape) -> dict:
@@ -46,7 +48,10 @@ def make_inputs(case: str, shape) -> dict:
     target = torch.randint(0, classes, (1, 1, *shape), generator=generator)
     if case.startswith("nearest"):
         labels = labels.to(torch.uint8)
-    return {"labels": labels, "target": target, "ddf": cases.smooth_ddf(shape), "classes": classes}
+    inputs = {"labels": labels, "target": target, "ddf": cases.smooth_ddf(shape), "classes": classes}
+    if case.startswith("pdice"):  # a softmax-like probability source in place of the labels
+        inputs["labels"] = torch.randn(1, classes, *shape, generator=generator).softmax(1)
+    return inputs
 
 
 def make_step(case: str, impl: str, inputs: dict):
@@ -57,7 +62,11 @@ def make_step(case: str, impl: str, inputs: dict):
     def step():
         u = ddf.detach().requires_grad_(backward)
         with torch.set_grad_enabled(backward):
-            if case.startswith("soft"):
+            if case.startswith("pdice"):
+                p = labels.detach().requires_grad_(backward)
+                out = 1 - (da.warped_dice(p, u, target) if ours
+                           else reference.warped_probability_dice(p, u, target)).mean()
+            elif case.startswith("soft"):
                 out = (da.warp_labels(labels, u, "soft", num_classes=classes) if ours
                        else reference.warp_labels_soft(labels, u, classes))
             elif case.startswith("dice"):
@@ -126,7 +135,8 @@ def main(argv=None) -> None:
              f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; load average at start: "
              f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}",
              f"- torch {torch.__version__}, threads {args.threads}; median of {args.repeats} repeats, ours and torch "
-             f"interleaved in one process; batch 1, float32 ddf, int64 labels (uint8 for nearest)", "",
+             f"interleaved in one process; batch 1, float32 ddf, int64 labels (uint8 for nearest; a float32 softmax "
+             f"source for pdice)", "",
              "| case | size | ours ms | torch ms | speed-up | peak MB ours / torch | peak ratio |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for size in args.sizes:

@@ -25,11 +25,12 @@ TORCH_LIBRARY(deepatlas, m) {
   // ddf [N, 3, D, H, W] -> det(I + grad u) [N, 1, D, H, W]; schemes per axis: 0 central, 1 forward, 2 backward.
   m.def("jacobian_det(Tensor ddf, float[3] spacing, int[3] schemes) -> Tensor");
   m.def("jacobian_det_backward(Tensor grad_output, Tensor ddf, float[3] spacing, int[3] schemes) -> Tensor");
-  // Fused soft-Dice sums of warp(one_hot(source labels)) vs target (labels or [N, K, ...] probabilities):
+  // Fused soft-Dice sums of warp(source) vs target: source = integer labels [N or 1, 1, ...] (warped one-hot) or
+  // probabilities [N or 1, K, ...]; target = labels or [N, K, ...] probabilities.
   // -> float64 [N, 3, K], rows: intersection, warped-source sum, target sum. No K-channel volume is built.
   m.def("warped_dice_sums(Tensor source, Tensor ddf, Tensor target, int num_classes) -> Tensor");
-  // -> (grad_ddf or an empty tensor, grad_target or an empty tensor), per output_mask.
+  // -> (grad_ddf, grad_target, grad_source), each an empty tensor unless requested by output_mask (same order).
   m.def(
       "warped_dice_sums_backward(Tensor grad_sums, Tensor source, Tensor ddf, Tensor target, int num_classes, "
-      "bool[2] output_mask) -> (Tensor, Tensor)");
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,11 +1,12 @@
-"""Fused warped soft Dice: Dice per [N, K] between warp(one_hot(source), ddf) and a target, without ever building
-the warped K-channel volume (extra memory O(N * K))."""
+"""Fused warped soft Dice: Dice per [N, K] between warp(source, ddf) (a label source as its one-hot encoding, or a
+probability source) and a target, without ever building the warped K-channel volume (extra memory O(N * K))."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ._loader import REBUILD_HINT, STATE
 from .labels import _LABEL_DTYPES, _check
 
 _OP = "deepatlas_cuda.warped_dice"
@@ -15,23 +16,36 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
                 include_background: bool = True, eps: float = 1e-6) -> Tensor:
     """Soft Dice ``(2 I_k + eps) / (A_k + B_k + eps)`` per batch element and class, ``[N, K]`` (``[N, K - 1]``
     without background), where ``I_k = sum_x a_k(x) b_k(x)``, ``A_k = sum_x a_k(x)``, ``B_k = sum_x b_k(x)``,
-    ``a = warp_labels(source, ddf, 'soft', K)`` (trilinear, zeros outside) and ``b`` the target.
+    ``a`` the warped source (``a[x] = source[x + ddf[x]]``, trilinear, zeros outside) and ``b`` the target.
 
-    - ``source``: integer labels ``[N or 1, 1, D, H, W]`` (uint8, int16, int32, int64), values in ``[0, K)``;
-      or probabilities ``[N or 1, K, D, H, W]`` in the ddf's dtype, which may require grad. A probability source
-      is warped with :func:`deepatlas_cuda.warp` (trilinear, zeros outside) and is NOT fused: the warped K-channel
-      volume (and, for a label target, its one-hot) exists for the backward.
-    - ``target``: integer labels ``[N, 1, D, H, W]`` (same dtype as ``source``) or probabilities
-      ``[N, K, D, H, W]`` in the ddf's dtype, which may require grad (e.g. the segmentation network's softmax).
-    - ``num_classes``: K; required for label targets, taken from a probability target otherwise.
+    Fused: the warped K-channel volume ``a`` is never built, whatever the source and target; the op keeps only its
+    inputs for the backward, and its extra memory is O(N * K).
 
-    Differentiable with respect to ``ddf``, a probability ``source`` and a probability ``target``.
+    - ``source``: integer labels ``[N or 1, 1, D, H, W]`` (uint8, int16, int32, int64), values in ``[0, K)``, warped
+      as their one-hot encoding (``a = warp_labels(source, ddf, 'soft', K)``); or probabilities
+      ``[N or 1, K, D, H, W]`` in the ddf's dtype (e.g. a segmentation network's softmax), which may require grad
+      (``a = warp(source, ddf, padding_mode='zeros')``). A source with N = 1 broadcasts over the ddf batch.
+    - ``target``: integer labels ``[N, 1, D, H, W]`` (the source's dtype for a label source, any label dtype for a
+      probability source), values in ``[0, K)``; or probabilities ``[N, K, D, H, W]`` in the ddf's dtype, which may
+      require grad.
+    - ``num_classes``: K; required when both source and target are label maps, taken from a probability source or
+      target otherwise (and checked against it when given).
+
+    Differentiable with respect to ``ddf``, a probability ``source`` and a probability ``target``. The sums are
+    accumulated in float64; on the CPU the result and every gradient are bit-identical for any number of threads.
     """
-    if isinstance(source, Tensor) and source.is_floating_point():
-        return _probability_source_dice(source, ddf, target, num_classes, include_background, eps)
-    _check(source, ddf)
-    if not isinstance(target, Tensor):
-        raise TypeError(f"{_OP}: target must be a torch.Tensor, got {type(target).__name__}")
+    if not isinstance(source, Tensor) or not isinstance(ddf, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"{_OP}: source, ddf and target must be torch.Tensors, got {type(source).__name__}, "
+                        f"{type(ddf).__name__} and {type(target).__name__}")
+    probability_source = source.is_floating_point()
+    if probability_source:
+        _check_probability_source(source, ddf)
+        if num_classes is not None and num_classes != source.shape[1]:
+            raise ValueError(f"{_OP}: num_classes={num_classes} but the probability source has {source.shape[1]} "
+                             f"channels")
+        num_classes = source.shape[1]
+    else:
+        _check(source, ddf)
     target_is_labels = target.dtype in _LABEL_DTYPES
     if num_classes is None:
         if target_is_labels:
@@ -45,7 +59,8 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
     if target_is_labels:
         if target.shape[1] != 1:
             raise ValueError(f"{_OP}: label targets must be [N, 1, D, H, W], got {tuple(target.shape)}")
-        target = target.to(source.dtype)
+        if not probability_source:
+            target = target.to(source.dtype)
     elif target.dtype != ddf.dtype or target.shape[1] != num_classes:
         raise ValueError(f"{_OP}: probability targets must be [N, num_classes={num_classes}, D, H, W] in the ddf's "
                          f"dtype {ddf.dtype}, got {tuple(target.shape)} {target.dtype}")
@@ -57,6 +72,28 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
     return dice if include_background else dice[:, 1:]
 
 
+def _check_probability_source(source: Tensor, ddf: Tensor) -> None:
+    if ddf.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{_OP}: ddf must be float32 or float64, got {ddf.dtype}")
+    if ddf.dim() != 5 or ddf.shape[1] != 3:
+        raise ValueError(f"{_OP}: ddf must be [N, 3, D, H, W], got shape {tuple(ddf.shape)}")
+    if source.dtype != ddf.dtype:
+        raise ValueError(f"{_OP}: a probability source must have the ddf's dtype {ddf.dtype}, got {source.dtype}")
+    if source.dim() != 5 or source.shape[2:] != ddf.shape[2:]:
+        raise ValueError(f"{_OP}: a probability source must be [N or 1, K, D, H, W] matching ddf "
+                         f"{tuple(ddf.shape)} spatially, got {tuple(source.shape)}")
+    if source.shape[0] not in (1, ddf.shape[0]):
+        raise ValueError(f"{_OP}: source batch size {source.shape[0]} must be 1 or equal the ddf batch size "
+                         f"{ddf.shape[0]}")
+    if source.shape[1] < 1 or any(size == 0 for size in source.shape[2:]):
+        raise ValueError(f"{_OP}: a probability source needs at least one class and non-empty spatial "
+                         f"dimensions, got {tuple(source.shape)}")
+    if source.device != ddf.device:
+        raise ValueError(f"{_OP}: source and ddf must be on the same device, got {source.device} and {ddf.device}")
+    if source.is_cuda and not STATE.cuda_loaded:
+        raise RuntimeError(f"{_OP}: this deepatlas_cuda build has no CUDA kernels; {REBUILD_HINT}")
+
+
 @torch.library.register_fake("deepatlas::warped_dice_sums")
 def _sums_fake(source, ddf, target, num_classes):
     return ddf.new_empty((ddf.shape[0], 3, num_classes), dtype=torch.float64)
@@ -66,7 +103,8 @@ def _sums_fake(source, ddf, target, num_classes):
 def _sums_backward_fake(grad_sums, source, ddf, target, num_classes, output_mask):
     grad_ddf = ddf.new_empty(ddf.shape) if output_mask[0] else ddf.new_empty(0)
     grad_target = target.new_empty(target.shape) if output_mask[1] else ddf.new_empty(0)
-    return grad_ddf, grad_target
+    grad_source = source.new_empty(source.shape) if output_mask[2] else ddf.new_empty(0)
+    return grad_ddf, grad_target, grad_source
 
 
 def _sums_setup(ctx, inputs, output):
@@ -77,48 +115,12 @@ def _sums_setup(ctx, inputs, output):
 
 def _sums_backward(ctx, grad_sums):
     source, ddf, target = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[1], ctx.needs_input_grad[2] and target.is_floating_point()]
-    grad_ddf, grad_target = torch.ops.deepatlas.warped_dice_sums_backward(grad_sums, source, ddf, target,
-                                                                          ctx.num_classes, mask)
-    return None, grad_ddf if mask[0] else None, grad_target if mask[1] else None, None
+    mask = [ctx.needs_input_grad[1], ctx.needs_input_grad[2] and target.is_floating_point(),
+            ctx.needs_input_grad[0] and source.is_floating_point()]
+    grad_ddf, grad_target, grad_source = torch.ops.deepatlas.warped_dice_sums_backward(
+        grad_sums, source, ddf, target, ctx.num_classes, mask)
+    return (grad_source if mask[2] else None, grad_ddf if mask[0] else None, grad_target if mask[1] else None,
+            None)
 
 
 torch.library.register_autograd("deepatlas::warped_dice_sums", _sums_backward, setup_context=_sums_setup)
-
-
-def _probability_source_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | None,
-                             include_background: bool, eps: float) -> Tensor:
-    """warped_dice for a probability source: warp (zeros outside), then soft Dice with float64 sums."""
-    from .ops import warp
-
-    if not isinstance(ddf, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"{_OP}: ddf and target must be torch.Tensors")
-    if source.dim() != 5 or ddf.dim() != 5 or ddf.shape[1] != 3 or source.shape[2:] != ddf.shape[2:]:
-        raise ValueError(f"{_OP}: a probability source must be [N or 1, K, D, H, W] matching ddf [N, 3, D, H, W], "
-                         f"got {tuple(source.shape)} and {tuple(ddf.shape)}")
-    if source.dtype != ddf.dtype:
-        raise ValueError(f"{_OP}: a probability source must have the ddf's dtype {ddf.dtype}, got {source.dtype}")
-    classes = source.shape[1]
-    if num_classes is not None and num_classes != classes:
-        raise ValueError(f"{_OP}: num_classes={num_classes} but the probability source has {classes} channels")
-    if target.dim() != 5 or target.shape[0] != ddf.shape[0] or target.shape[2:] != ddf.shape[2:]:
-        raise ValueError(f"{_OP}: target must be [N, 1 or K, D, H, W] matching ddf {tuple(ddf.shape)}, got "
-                         f"{tuple(target.shape)}")
-    if target.device != ddf.device or source.device != ddf.device:
-        raise ValueError(f"{_OP}: source, ddf and target must be on one device, got {source.device}, "
-                         f"{ddf.device} and {target.device}")
-    if target.dtype in _LABEL_DTYPES:
-        if target.shape[1] != 1:
-            raise ValueError(f"{_OP}: label targets must be [N, 1, D, H, W], got {tuple(target.shape)}")
-        low, high = torch.aminmax(target)
-        if low < 0 or high >= classes:
-            raise ValueError(f"{_OP}: target labels must lie in [0, {classes}), found [{int(low)}, {int(high)}]")
-        target = torch.nn.functional.one_hot(target[:, 0].long(), classes).movedim(-1, 1).to(ddf.dtype)
-    elif target.dtype != ddf.dtype or target.shape[1] != classes:
-        raise ValueError(f"{_OP}: probability targets must be [N, {classes}, D, H, W] in the ddf's dtype "
-                         f"{ddf.dtype}, got {tuple(target.shape)} {target.dtype}")
-    warped = warp(source, ddf, padding_mode="zeros")  # [N, K, D, H, W]
-    intersection = (warped * target).flatten(2).sum(-1, dtype=torch.float64)
-    total = warped.flatten(2).sum(-1, dtype=torch.float64) + target.flatten(2).sum(-1, dtype=torch.float64)
-    dice = ((2 * intersection + eps) / (total + eps)).to(ddf.dtype)
-    return dice if include_background else dice[:, 1:]

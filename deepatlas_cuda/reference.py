@@ -81,3 +81,13 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int, e
     if not target.is_floating_point():
         target = F.one_hot(target[:, 0].long(), num_classes).permute(0, 4, 1, 2, 3).to(ddf.dtype)
     return soft_dice(warped, target, eps)
+
+
+def warped_probability_dice(source: Tensor, ddf: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """Warp-then-Dice for a probability source [N or 1, K, D, H, W]: F.grid_sample (zeros padding) builds the warped
+    K-channel volume, then soft Dice against the target (one-hot when given as labels [N, 1, D, H, W])."""
+    num_classes = source.shape[1]
+    warped = warp(source, ddf, "bilinear", "zeros")
+    if not target.is_floating_point():
+        target = F.one_hot(target[:, 0].long(), num_classes).permute(0, 4, 1, 2, 3).to(ddf.dtype)
+    return soft_dice(warped, target, eps)

@@ -91,8 +91,18 @@ def test_bit_identical_across_thread_counts():
     [
         ({"source": torch.rand(1, 3, 4, 4, 4, dtype=torch.float64)}, ValueError, "the ddf's dtype"),
         ({"source": torch.rand(1, 2, 4, 4, 4)}, ValueError, "num_classes=3 but the probability source has 2"),
-        ({"source": torch.rand(1, 3, 4, 4, 4), "target": torch.full((1, 1, 4, 4, 4), 3)}, ValueError,
-         r"target labels must lie in \[0, 3\)"),
+        ({"source": torch.rand(1, 3, 4, 4, 4), "target": torch.full((1, 1, 4, 4, 4), 3)}, RuntimeError,
+         r"target: label values must be in \[0, num_classes\) = \[0, 3\)"),
+        ({"source": torch.rand(1, 3, 4, 4, 5)}, ValueError, "a probability source must be"),
+        ({"source": torch.rand(2, 3, 4, 4, 4)}, ValueError, "source batch size 2 must be 1 or equal"),
+        ({"source": torch.rand(1, 3, 4, 4, 4), "num_classes": None, "target": torch.rand(1, 2, 4, 4, 4)},
+         ValueError, r"probability targets must be \[N, num_classes=3"),
+        ({"source": torch.rand(1, 3, 4, 4, 4), "target": torch.rand(1, 3, 4, 4, 4, dtype=torch.float64)},
+         ValueError, "probability targets must be"),
+        ({"source": torch.rand(1, 3, 4, 4, 4), "target": torch.zeros(1, 2, 4, 4, 4, dtype=torch.long)},
+         ValueError, r"label targets must be \[N, 1, D, H, W\]"),
+        ({"source": torch.rand(1, 3, 4, 4, 4), "ddf": torch.zeros(1, 2, 4, 4, 4)}, ValueError,
+         r"warped_dice: ddf must be \[N, 3, D, H, W\]"),
         ({"num_classes": None}, ValueError, "num_classes is required"),
         ({"target": torch.rand(1, 2, 4, 4, 4)}, ValueError, "probability targets must be"),
         ({"target": torch.zeros(1, 1, 4, 4, 5, dtype=torch.long)}, ValueError, "target must be"),
@@ -161,3 +171,181 @@ def test_probability_source_matches_warp_then_dice_and_gradchecks(target_kind):
     assert torch.autograd.gradcheck(lambda *x: da.warped_dice(x[0], x[1], x[2] if len(x) > 2 else target),
                                     inputs, eps=1e-6, atol=1e-6)
     assert da.warped_dice(source, ddf, target, include_background=False).shape == (2, k - 1)
+
+
+# --- Probability source, fused ---------------------------------------------------------------------------------
+
+
+def probability_inputs(n_source, n, shape, k, dtype, target_kind, generator):
+    """Random non-zero probability-like source (not normalised), ddf reaching outside the volume, and a label or
+    probability target."""
+    source = (torch.rand(n_source, k, *shape, generator=generator, dtype=torch.float64) + 0.1).to(dtype)
+    ddf = ((torch.rand(n, 3, *shape, generator=generator, dtype=torch.float64) * 2 - 1) * 2.5).to(dtype)
+    if target_kind == "labels":
+        target = torch.randint(0, k, (n, 1, *shape), generator=generator)
+    else:
+        target = torch.rand(n, k, *shape, generator=generator, dtype=torch.float64).softmax(1).to(dtype)
+    return source, ddf, target
+
+
+def dice_and_grads(fn, source, ddf, target, grad_out):
+    source, ddf = source.detach().requires_grad_(), ddf.detach().requires_grad_()
+    inputs = [source, ddf]
+    if target.is_floating_point():
+        target = target.detach().requires_grad_()
+        inputs.append(target)
+    dice = fn(source, ddf, target)
+    return (dice, *torch.autograd.grad(dice, inputs, grad_out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_source", [2, 1], ids=["batched", "broadcast"])
+@pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
+def test_fused_probability_source_matches_warp_then_dice(dtype, n_source, target_kind):
+    generator = torch.Generator().manual_seed(11)
+    source, ddf, target = probability_inputs(n_source, 2, (6, 7, 5), 4, dtype, target_kind, generator)
+    grad_out = torch.randn(2, 4, generator=generator, dtype=torch.float64).to(dtype)
+    ours = dice_and_grads(da.warped_dice, source, ddf, target, grad_out)
+    theirs = dice_and_grads(reference.warped_probability_dice, source, ddf, target, grad_out)
+    assert len(ours) == (4 if target_kind == "probabilities" else 3)  # dice, grad source, grad ddf[, grad target]
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert b.abs().max() > 0  # every compared quantity is non-trivial
+        torch.testing.assert_close(a, b, **tolerance)
+
+
+@pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
+def test_fused_probability_source_gradcheck_broadcast(target_kind):
+    generator = torch.Generator().manual_seed(3)
+    source, ddf, target = probability_inputs(1, 2, (3, 4, 3), 3, torch.float64, target_kind, generator)
+    ddf = ddf.round() + 0.3  # away from the trilinear kinks at integer coordinates
+    inputs = [source.requires_grad_(), ddf.requires_grad_()]
+    if target_kind == "probabilities":
+        inputs.append(target.requires_grad_())
+    assert torch.autograd.gradcheck(lambda *x: da.warped_dice(x[0], x[1], x[2] if len(x) > 2 else target),
+                                    inputs, eps=1e-6, atol=1e-7)
+
+
+def test_fused_probability_source_label_target_of_any_dtype():
+    generator = torch.Generator().manual_seed(4)
+    source, ddf, target = probability_inputs(2, 2, (4, 5, 3), 3, torch.float32, "labels", generator)
+    expected = da.warped_dice(source, ddf, target)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        torch.testing.assert_close(da.warped_dice(source, ddf, target.to(dtype)), expected, rtol=0, atol=0)
+
+
+def test_fused_probability_source_opcheck_and_compile():
+    generator = torch.Generator().manual_seed(6)
+    source, ddf, target = probability_inputs(1, 2, (4, 5, 3), 3, torch.float32, "probabilities", generator)
+    labels_target = torch.randint(0, 3, (2, 1, 4, 5, 3), generator=generator, dtype=torch.int32)
+    source, ddf, target = source.requires_grad_(), ddf.requires_grad_(), target.requires_grad_()
+    op = torch.ops.deepatlas.warped_dice_sums.default
+    torch.library.opcheck(op, (source, ddf, target, 3))
+    torch.library.opcheck(op, (source, ddf, labels_target, 3))
+    torch.library.opcheck(op, (source.detach(), ddf, target, 3))
+
+    def loss(p, u, t):
+        return 1 - da.warped_dice(p, u, t).mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(torch.autograd.grad(compiled(source, ddf, target), (source, ddf, target)),
+                               torch.autograd.grad(loss(source, ddf, target), (source, ddf, target)))
+
+
+@pytest.mark.parametrize("n_source", [2, 1], ids=["batched", "broadcast"])
+@pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
+def test_fused_probability_source_bit_identical_across_thread_counts(n_source, target_kind):
+    generator = torch.Generator().manual_seed(8)
+    source, ddf, target = probability_inputs(n_source, 2, (12, 10, 9), 5, torch.float32, target_kind, generator)
+    grad_out = torch.randn(2, 5, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(dice_and_grads(da.warped_dice, source, ddf, target, grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+class _RecordSizes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((str(func), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
+def test_fused_probability_source_extra_memory_is_per_class_only(target_kind):
+    generator = torch.Generator().manual_seed(9)
+    n, k = 2, 6
+    source, ddf, target = probability_inputs(1, n, (6, 6, 6), k, torch.float32, target_kind, generator)
+    source, ddf = source.requires_grad_(), ddf.requires_grad_()
+    if target_kind == "probabilities":
+        target.requires_grad_()
+    inputs = {source.data_ptr(), ddf.data_ptr(), target.data_ptr()}
+    saved = []
+    recorder = _RecordSizes()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), recorder:
+        dice = da.warped_dice(source, ddf, target)
+    assert all(t.data_ptr() in inputs or t.numel() <= n * 3 * k for t in saved)
+    # Nothing the forward computes is larger than the [N, 3, K] sums: no warped (or one-hot) volume ever exists.
+    assert max(size for _, size in recorder.sizes) <= n * 3 * k, recorder.sizes
+    recorder = _RecordSizes()
+    with recorder:
+        grads = torch.autograd.grad(dice.sum(), [source, ddf] + ([target] if target.requires_grad else []))
+    # The backward allocates the gradients themselves and O(N * K) more.
+    grad_sizes = {g.numel() for g in grads}
+    assert all(size <= n * 3 * k or size in grad_sizes for _, size in recorder.sizes), recorder.sizes
+
+
+def test_fused_probability_source_nan_ddf_points_count_as_outside():
+    generator = torch.Generator().manual_seed(10)
+    source, ddf, target = probability_inputs(2, 2, (4, 5, 6), 3, torch.float64, "probabilities", generator)
+    ddf_nan, ddf_far = ddf.clone(), ddf.clone()
+    ddf_nan[0, 1, 1, 2, 3] = float("nan")
+    ddf_far[0, :, 1, 2, 3] = 1e6
+    grad_out = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+    with_nan = dice_and_grads(da.warped_dice, source, ddf_nan, target, grad_out)
+    with_far = dice_and_grads(da.warped_dice, source, ddf_far, target, grad_out)
+    for a, b in zip(with_nan, with_far):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_direct_op_calls_check_probability_sources():
+    source, ddf, target = torch.rand(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), torch.rand(1, 3, 4, 4, 4)
+    sums = torch.ops.deepatlas.warped_dice_sums
+    with pytest.raises(RuntimeError, match=r"a probability source must be \[N or 1, num_classes=4"):
+        sums(source, ddf, torch.rand(1, 4, 4, 4, 4), 4)
+    with pytest.raises(RuntimeError, match="a probability source must have the ddf's dtype"):
+        sums(source.double(), ddf, target, 3)
+    with pytest.raises(RuntimeError, match="source spatial shape"):
+        sums(torch.rand(1, 3, 4, 4, 5), ddf, target, 3)
+    labels_source = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="integer label sources have no gradient"):
+        torch.ops.deepatlas.warped_dice_sums_backward(torch.ones(1, 3, 3, dtype=torch.float64), labels_source, ddf,
+                                                      target, 3, [False, False, True])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
+def test_cuda_probability_source_matches_cpu(target_kind):
+    generator = torch.Generator().manual_seed(12)
+    source, ddf, target = probability_inputs(1, 2, (6, 7, 5), 40, torch.float32, target_kind, generator)
+    grad_out = torch.randn(2, 40, generator=generator)
+    cpu = dice_and_grads(da.warped_dice, source, ddf, target, grad_out)
+    cuda = dice_and_grads(da.warped_dice, source.cuda(), ddf.cuda(), target.cuda(), grad_out.cuda())
+    for a, b in zip(cpu, cuda):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@
 
 namespace deepatlas {
 
-// Forward: args.sums must be zero-initialised.
+// Forward: args.sums must be zero-initialised; backward: args.grad_source too (when set).
 cudaError_t launch_dice(const DiceArgs& args, cudaStream_t stream);
 
 }  // namespace deepatlas

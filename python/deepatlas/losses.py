@@ -287,9 +287,9 @@ def anatomy_loss(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int, 
     - ``source`` integer labels ``[N or 1, 1, D, H, W]``: fused (trilinear warp of the one-hot map, zeros outside
       the volume; the warped K-channel volume is never built). Differentiable w.r.t. ``ddf`` and a probability
       ``target``.
-    - ``source`` probabilities ``[N or 1, K, D, H, W]`` (e.g. the segmentation network's softmax): warped with
-      zeros outside, then soft Dice; this path builds the warped K-channel volume. Differentiable w.r.t.
-      ``source``, ``ddf`` and a probability ``target``.
+    - ``source`` probabilities ``[N or 1, K, D, H, W]`` (e.g. the segmentation network's softmax): fused as well
+      (trilinear, zeros outside; no warped K-channel volume). Differentiable w.r.t. ``source``, ``ddf`` and a
+      probability ``target``.
     - ``target``: integer labels ``[N, 1, D, H, W]`` or probabilities ``[N, K, D, H, W]`` in the ddf's dtype.
     """
     _check_ddf(ddf, "anatomy_loss")

@@ -11,7 +11,8 @@ Segmentation step (F_R frozen), per pair:
 Supervised segmentation step: λ_sp L_sp(F_S(I), S) on labelled images.
 
 Every loss is the mean over the pairs of the batch, so DDP's gradient average over equal shares equals one
-process with the global batch. Anatomy terms use the fused ``warped_dice`` whenever the warped side is a label map.
+process with the global batch. Anatomy terms use the fused ``warped_dice`` (label or probability source: no warped
+K-channel volume).
 """
 
 from __future__ import annotations

@@ -63,18 +63,22 @@ struct JacobianArgs {
   bool backward = false;
 };
 
-// warped_dice: sample.input = source labels [N_in, 1, D, H, W], sample.coords = ddf, target = labels [N, 1, ...]
-// (same dtype as the source) or probabilities [N, K, ...] (the ddf's dtype). Forward writes sums [N, 3, K]
-// (float64; rows I, A, B); backward reads grad_sums [N, 3, K] and writes sample.grad_coords (grad_ddf) and / or
-// grad_target, each when its data pointer is set.
+// warped_dice: sample.input = the source: labels [N_in, 1, D, H, W] (source_is_labels) or probabilities
+// [N_in, K, D, H, W] in the ddf's dtype; sample.coords = ddf; target = labels [N, 1, ...] (the source's dtype for a
+// label source, any label dtype for a probability source) or probabilities [N, K, ...] (the ddf's dtype). Forward
+// writes sums [N, 3, K] (float64; rows I, A, B); backward reads grad_sums [N, 3, K] and writes sample.grad_coords
+// (grad_ddf), grad_target and / or grad_source (zero-initialised, shaped like the source), each when its data
+// pointer is set.
 struct DiceArgs {
   SampleArgs sample;
   TensorArg target;
+  bool source_is_labels = true;
   bool target_is_labels = true;
   int64_t classes = 0;
   double* sums = nullptr;
   const double* grad_sums = nullptr;
   TensorArg grad_target;
+  TensorArg grad_source;
 };
 
 enum class LabelOp : int { Nearest = 0, Soft = 1, SoftBackward = 2 };
