@@ -123,3 +123,16 @@ def test_deterministic_input_gradient_cuda(op):
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][0].cpu(), grads_cpu[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(runs[0][1].cpu(), grads_cpu[1], rtol=1e-5, atol=1e-5)
+
+
+def test_warped_dice_alerts_under_deterministic_algorithms():
+    """warped_dice accumulates its sums with atomics on CUDA: torch's deterministic mode must refuse it."""
+    labels = torch.randint(0, 3, (1, 1, 6, 7, 8), device="cuda")
+    ddf = random_ddf(1, 6, 7, 8).cuda()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="warped_dice_sums"):
+            da.warped_dice(labels, ddf, labels, num_classes=3)
+    finally:
+        torch.use_deterministic_algorithms(previous)
