@@ -38,7 +38,8 @@ def jacobian_det(ddf: Tensor, spacing=(1.0, 1.0, 1.0), scheme: str = "central") 
     borders (see csrc/include/deepatlas/jacobian.h for the picture); an axis of length 1 has zero derivative.
     ``spacing`` is the voxel size along (D, H, W), in the units of ``ddf``: keep the default for a ddf in voxels
     (the ``warp`` convention), pass the voxel size in mm for a ddf in mm. Differentiable with respect to ``ddf``
-    (the backward is a deterministic gather through the cofactor matrix).
+    (the backward writes each voxel's cofactors times the upstream gradient, then gathers them at the voxels the
+    stencils read: no atomics, bit-identical for any number of CPU threads).
     """
     spacing = _check(ddf, spacing, _OP)
     if scheme not in _SCHEMES:

@@ -37,6 +37,107 @@ def test_gradient_matches_autograd_through_the_reference(scheme):
     torch.testing.assert_close(ours, theirs)
 
 
+def mixed_reference(ddf, spacing, schemes):
+    """reference.jacobian_det with its own scheme per axis (the op accepts one code per axis)."""
+    names = {0: "central", 1: "forward", 2: "backward"}
+    columns = [reference._difference(ddf, 2 + j, names[schemes[j]]) / spacing[j] for j in range(3)]
+    jac = torch.stack(columns, dim=2) + torch.eye(3, dtype=ddf.dtype).view(1, 3, 3, 1, 1, 1)
+    return torch.linalg.det(jac.permute(0, 3, 4, 5, 1, 2)).unsqueeze(1)
+
+
+# Every axis length from 1 to 7 (the one-sided borders and the interior loop meet differently on each), and sizes
+# with a long interior.
+GRADIENT_SHAPES = [(1, 2, 3), (2, 1, 7), (3, 4, 1), (4, 5, 6), (5, 6, 7), (7, 3, 2), (6, 9, 12), (11, 8, 10)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("shape", GRADIENT_SHAPES, ids=str)
+def test_gradient_matches_reference_for_every_border_layout(scheme, shape):
+    torch.manual_seed(sum(shape))
+    ddf = random_ddf(2, *shape, dtype=torch.float64).requires_grad_()
+    grad_out = torch.randn(2, 1, *shape, dtype=torch.float64)
+    spacing = (0.7, 1.3, 2.0)
+    det = da.jacobian_det(ddf, spacing, scheme)
+    expected = reference.jacobian_det(ddf, spacing, scheme)
+    torch.testing.assert_close(det, expected)
+    (ours,) = torch.autograd.grad(det, ddf, grad_out)
+    (theirs,) = torch.autograd.grad(expected, ddf, grad_out)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("schemes", [[0, 1, 2], [2, 0, 1], [1, 2, 0]], ids=str)
+def test_mixed_schemes_per_axis_match_reference(schemes):
+    ddf = random_ddf(1, 6, 7, 9, dtype=torch.float64).requires_grad_()
+    grad_out = torch.randn(1, 1, 6, 7, 9, dtype=torch.float64)
+    spacing = [1.5, 0.5, 1.0]
+    det = torch.ops.deepatlas.jacobian_det(ddf, spacing, schemes)
+    expected = mixed_reference(ddf, spacing, schemes)
+    torch.testing.assert_close(det, expected)
+    torch.testing.assert_close(torch.autograd.grad(det, ddf, grad_out)[0],
+                               torch.autograd.grad(expected, ddf, grad_out)[0])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_float32_gradient_on_a_smooth_field(scheme):
+    # A field like the benchmarks' (smooth, several voxels of displacement): float32 against the float64 reference.
+    coarse = torch.randn(1, 3, 4, 4, 4, dtype=torch.float64) * 3
+    ddf64 = torch.nn.functional.interpolate(coarse, size=(20, 24, 28), mode="trilinear", align_corners=True)
+    grad_out = torch.randn(1, 1, 20, 24, 28, dtype=torch.float64)
+    ddf32 = ddf64.float().requires_grad_()
+    det = da.jacobian_det(ddf32, (1.0, 1.5, 0.8), scheme)
+    (ours,) = torch.autograd.grad(det, ddf32, grad_out.float())
+    ddf64.requires_grad_()
+    expected = reference.jacobian_det(ddf64, (1.0, 1.5, 0.8), scheme)
+    (theirs,) = torch.autograd.grad(expected, ddf64, grad_out)
+    torch.testing.assert_close(det.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bit_identical_for_any_thread_count(scheme, dtype, restore_threads):
+    # Batch 2 and 37 planes: the backward's chunks of z-planes start and end at different planes (and cross the
+    # batch boundary) for every thread count.
+    ddf = random_ddf(2, 37, 9, 20, dtype=dtype, scale=3.0)
+    grad_out = torch.randn(2, 1, 37, 9, 20, dtype=dtype)
+    results = []
+    for threads in (1, 2, 3, 4):
+        torch.set_num_threads(threads)
+        u = ddf.clone().requires_grad_()
+        det = da.jacobian_det(u, (1.0, 0.5, 2.0), scheme)
+        (grad,) = torch.autograd.grad(det, u, grad_out)
+        results.append((det, grad))
+    for det, grad in results[1:]:
+        assert torch.equal(det, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_non_contiguous_inputs_and_expanded_grad(layout):
+    from helpers import to_layout
+
+    ddf = random_ddf(2, 5, 6, 7, dtype=torch.float64)
+    grad_out = torch.randn(2, 1, 5, 6, 7, dtype=torch.float64)
+    u = ddf.clone().requires_grad_()
+    det = da.jacobian_det(u, (1.0, 2.0, 0.5))
+    (grad,) = torch.autograd.grad(det, u, grad_out)
+    v = to_layout(ddf, layout).requires_grad_()
+    det_v = da.jacobian_det(v, (1.0, 2.0, 0.5))
+    assert torch.equal(det_v, det)
+    assert torch.equal(torch.autograd.grad(det_v, v, to_layout(grad_out, layout))[0], grad)
+    # The gradient of a sum arrives expanded (all strides 0).
+    (grad_sum,) = torch.autograd.grad(da.jacobian_det(u, (1.0, 2.0, 0.5)).sum(), u)
+    det = da.jacobian_det(u, (1.0, 2.0, 0.5))
+    assert torch.equal(grad_sum, torch.autograd.grad(det, u, torch.ones_like(grad_out))[0])
+
+
 def test_identity_field_has_determinant_exactly_one():
     det = da.jacobian_det(torch.zeros(2, 3, 4, 5, 6))
     assert torch.equal(det, torch.ones(2, 1, 4, 5, 6))

@@ -1,4 +1,5 @@
-// CUDA backend of jacobian_det: grid-stride kernels over voxels -> deepatlas/jacobian.h.
+// CUDA backend of jacobian_det: grid-stride kernels over voxels -> deepatlas/jacobian.h. Backward in two kernels
+// on one stream: the gradient coefficients of every voxel into a buffer, then a gather (deterministic, no atomics).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,16 +14,35 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename acc_t, typename T, typename I>
-__global__ void jacobian_kernel(Volume<const T, I> ddf, Volume<T, I> out, Volume<const T, I> grad_out,
-                                Volume<T, I> grad_ddf, JacobianParams<acc_t> params, int64_t points, bool backward) {
+__global__ void jacobian_forward_kernel(Volume<const T, I> ddf, Volume<T, I> out, JacobianParams<acc_t> params,
+                                        int64_t points) {
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < points;
        p += int64_t(blockDim.x) * gridDim.x) {
     const Point<I> q = unravel_point<I>(static_cast<I>(p), ddf.size[2], ddf.size[3], ddf.size[4]);
-    if (backward) {
-      jacobian_det_backward_point(ddf, grad_out, grad_ddf, q, params);
-    } else {
-      jacobian_det_point(ddf, out, q, params);
-    }
+    jacobian_det_point(ddf, out, q, params);
+  }
+}
+
+// Backward pass 1: the 9 gradient coefficients of every voxel into coefficients [N, 9, D, H, W].
+template <typename acc_t, typename T, typename I>
+__global__ void jacobian_coefficients_kernel(Volume<const T, I> ddf, Volume<const T, I> grad_out,
+                                             Volume<acc_t, I> coefficients, JacobianParams<acc_t> params,
+                                             int64_t points) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < points;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    const Point<I> q = unravel_point<I>(static_cast<I>(p), ddf.size[2], ddf.size[3], ddf.size[4]);
+    jacobian_det_coefficients_point(ddf, grad_out, coefficients, q, params);
+  }
+}
+
+// Backward pass 2: grad_ddf gathered from the coefficients of each voxel and its six face neighbours.
+template <typename acc_t, typename T, typename I>
+__global__ void jacobian_gather_kernel(Volume<const acc_t, I> coefficients, Volume<T, I> grad_ddf,
+                                       JacobianParams<acc_t> params, int64_t points) {
+  for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < points;
+       p += int64_t(blockDim.x) * gridDim.x) {
+    const Point<I> q = unravel_point<I>(static_cast<I>(p), grad_ddf.size[2], grad_ddf.size[3], grad_ddf.size[4]);
+    jacobian_det_gather_point(coefficients, grad_ddf, q, params);
   }
 }
 
@@ -39,10 +59,17 @@ void launch_typed(const JacobianArgs& a, cudaStream_t stream) {
                                                         65535 * 8));
   dispatch_index(a.sample.index64, [&](auto index_tag) {
     using I = typename decltype(index_tag)::type;
-    jacobian_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-        make_volume<const T, I>(a.sample.coords), make_volume<T, I>(a.backward ? TensorArg{} : a.sample.output),
-        make_volume<const T, I>(a.backward ? a.sample.output : TensorArg{}), make_volume<T, I>(a.sample.grad_coords),
-        params, points, a.backward);
+    const auto ddf = make_volume<const T, I>(a.sample.coords);
+    if (!a.backward) {
+      jacobian_forward_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(ddf, make_volume<T, I>(a.sample.output),
+                                                                      params, points);
+      return;
+    }
+    // sample.input = the [N, 9, D, H, W] coefficient buffer (jacobian_glue.h), in acc_t.
+    jacobian_coefficients_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
+        ddf, make_volume<const T, I>(a.sample.output), make_volume<acc_t, I>(a.sample.input), params, points);
+    jacobian_gather_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
+        make_volume<const acc_t, I>(a.sample.input), make_volume<T, I>(a.sample.grad_coords), params, points);
   });
 }
 
