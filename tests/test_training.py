@@ -321,3 +321,28 @@ def test_sequential_segmentation_step_equals_the_joint_one(tmp_path):
     for a, b in zip(grads[0][0], grads[1][0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert grads[0][1]["loss"] == pytest.approx(grads[1][1]["loss"], rel=1e-5)
+
+
+def test_hard_anatomy_prediction_uses_the_argmax_label_map(tmp_path):
+    """anatomy_prediction="hard": an unlabelled image of a registration step is stood in for by F_S's argmax (int64
+    labels, the fused label path); "soft" by its probabilities. Both give a finite anatomy term with a ddf
+    gradient."""
+    config = tiny_config(tmp_path, batch_size=2)
+    volumes = tiny_volumes(config, labelled=1)
+    batch = draw_batch(volumes, REG, 0, 4, 2, True, 0)
+    for prediction in ("soft", "hard"):
+        trainer = Trainer(replace(config, anatomy_prediction=prediction), volumes, config.num_classes, progress=False)
+        image = volumes.images[:1]
+        stand_in = trainer.losses._stand_in(trainer.seg_module, image)
+        probs = trainer.losses._predict(trainer.seg_module, image)
+        if prediction == "hard":
+            assert stand_in.dtype == torch.int64 and stand_in.shape == (1, 1, *config.shape)
+            assert torch.equal(stand_in, probs.argmax(1, keepdim=True))
+        else:
+            assert torch.equal(stand_in, probs)
+        loss, parts = trainer.losses.registration(trainer.models, batch, "joint")
+        assert "anatomy" in parts and torch.isfinite(loss)
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in trainer.reg_module.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="anatomy_prediction"):
+        tiny_config(tmp_path, anatomy_prediction="argmax")

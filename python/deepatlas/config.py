@@ -14,6 +14,7 @@ from typing import Any
 from .records import DictRecord
 
 METHODS = ("joint", "reg_only", "reg_anatomy", "seg_only")
+ANATOMY_PREDICTIONS = ("soft", "hard")
 SIMILARITIES = ("ncc", "lncc", "mse")
 REGULARISERS = ("diffusion", "bending")
 NORMS = ("batch", "instance")
@@ -46,6 +47,7 @@ class TrainConfig(DictRecord):
     regulariser: str = "diffusion"
     lambda_r: float = 1.0              # weight of the regulariser
     lambda_a: float = 1.0              # weight of the anatomy (warped-Dice) loss
+    anatomy_prediction: str = "soft"   # registration step, unlabelled image: F_S's "soft" probabilities or "hard" argmax
     lambda_sp: float = 1.0             # weight of the supervised segmentation loss
     lambda_fold: float = 0.0           # weight of the folding penalty mean(relu(-det J)); 0 = off
     ce_weight: float = 0.0             # cross-entropy added to the supervised Dice loss
@@ -75,7 +77,7 @@ class TrainConfig(DictRecord):
     def validate(self) -> None:
         """Raise ValueError naming the field when a value is out of its domain."""
         choices = {"method": METHODS, "similarity": SIMILARITIES, "regulariser": REGULARISERS,
-                   "seg_norm": NORMS, "amp": AMP_MODES}
+                   "seg_norm": NORMS, "amp": AMP_MODES, "anatomy_prediction": ANATOMY_PREDICTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")

@@ -91,11 +91,18 @@ class StepLosses:
             moving_ok, fixed_ok = bool(batch.moving_labelled[b]), bool(batch.fixed_labelled[b])
             if mode == "manual" and not (moving_ok and fixed_ok):
                 continue
-            source = batch.moving_labels[b:b + 1] if moving_ok else self._predict(seg_module, batch.moving[b:b + 1])
-            target = batch.fixed_labels[b:b + 1] if fixed_ok else self._predict(seg_module, batch.fixed[b:b + 1])
+            source = batch.moving_labels[b:b + 1] if moving_ok else self._stand_in(seg_module, batch.moving[b:b + 1])
+            target = batch.fixed_labels[b:b + 1] if fixed_ok else self._stand_in(seg_module, batch.fixed[b:b + 1])
             total = total + losses.anatomy_loss(source, ddf[b:b + 1], target, self.num_classes)
             used = True
         return total / ddf.shape[0], used
+
+    def _stand_in(self, seg_module: nn.Module, image: Tensor) -> Tensor:
+        """F_S's stand-in for a missing manual segmentation in a registration step: its class probabilities
+        [1, K, D, H, W] (``anatomy_prediction="soft"``, the paper's) or its argmax as a label map [1, 1, D, H, W]
+        (``"hard"``, int64 like the manual labels)."""
+        probs = self._predict(seg_module, image)
+        return probs if self.config.anatomy_prediction == "soft" else probs.argmax(1, keepdim=True)
 
     @torch.no_grad()
     def _predict(self, seg_module: nn.Module, image: Tensor) -> Tensor:
