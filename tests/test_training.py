@@ -1,6 +1,7 @@
 """The training loop: schedule, pair drawing, every loss decreasing, exact resume (in-process and after kill -9),
 atomic checkpoints, DDP with 2 gloo processes equal to one process with the same global batch."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -346,3 +347,20 @@ def test_hard_anatomy_prediction_uses_the_argmax_label_map(tmp_path):
         assert all(torch.isfinite(p.grad).all() for p in trainer.reg_module.parameters() if p.grad is not None)
     with pytest.raises(ValueError, match="anatomy_prediction"):
         tiny_config(tmp_path, anatomy_prediction="argmax")
+
+
+@pytest.mark.parametrize("min_manual", [0, 1, 2])
+def test_anatomy_min_manual_skips_pairs_with_fewer_manual_labels(tmp_path, min_manual):
+    """anatomy_min_manual: a registration step's anatomy term counts only pairs with at least that many manual
+    segmentations (0 = F_S stands in for both, the paper's)."""
+    config = tiny_config(tmp_path, batch_size=2, anatomy_min_manual=min_manual)
+    volumes = tiny_volumes(config, labelled=1)
+    trainer = Trainer(config, volumes, config.num_classes, progress=False)
+    batch = draw_batch(volumes, REG, 0, 4, 2, True, 0)
+    for manual in (0, 1, 2):  # flags per pair: (moving, fixed) manual
+        flags = torch.tensor([manual >= 1, manual >= 1]), torch.tensor([manual >= 2, manual >= 2])
+        labelled = dataclasses.replace(batch, moving_labelled=flags[0], fixed_labelled=flags[1])
+        _, parts = trainer.losses.registration(trainer.models, labelled, "joint")
+        assert ("anatomy" in parts) == (manual >= min_manual)
+    with pytest.raises(ValueError, match="anatomy_min_manual"):
+        tiny_config(tmp_path, anatomy_min_manual=3)

@@ -48,6 +48,7 @@ class TrainConfig(DictRecord):
     lambda_r: float = 1.0              # weight of the regulariser
     lambda_a: float = 1.0              # weight of the anatomy (warped-Dice) loss
     anatomy_prediction: str = "soft"   # registration step, unlabelled image: F_S's "soft" probabilities or "hard" argmax
+    anatomy_min_manual: int = 0        # registration step: anatomy term only on pairs with >= this many manual labels
     lambda_sp: float = 1.0             # weight of the supervised segmentation loss
     lambda_fold: float = 0.0           # weight of the folding penalty mean(relu(-det J)); 0 = off
     ce_weight: float = 0.0             # cross-entropy added to the supervised Dice loss
@@ -85,6 +86,8 @@ class TrainConfig(DictRecord):
             setattr(self, name, tuple(int(v) for v in getattr(self, name)))
         if len(self.shape) != 3 or any(s < 1 for s in self.shape):
             raise ValueError(f"config.shape must be three positive ints, got {self.shape}")
+        if self.anatomy_min_manual not in (0, 1, 2):
+            raise ValueError(f"config.anatomy_min_manual must be 0, 1 or 2, got {self.anatomy_min_manual}")
         if self.num_workers < 0:
             raise ValueError(f"config.num_workers must be >= 0, got {self.num_workers}")
         if self.num_labelled < -1:

@@ -1,8 +1,10 @@
 """One registration step and one segmentation step of DeepAtlas (the losses of Xu & Niethammer, 2019, Sec. 2).
 
 Registration step (F_S frozen):  L_i(I_m∘φ, I_t) + λ_r L_r(φ) + λ_fold L_fold(φ) + λ_a L_a(S_m∘φ, S_t)
-    where a missing manual segmentation S is replaced by F_S's prediction (anatomy mode "joint"), or the anatomy
-    term is used only on pairs with two manual segmentations ("manual"), or not at all ("none").
+    where a missing manual segmentation S is replaced by F_S's prediction (anatomy mode "joint"; probabilities or
+    argmax by config.anatomy_prediction; pairs with fewer than config.anatomy_min_manual manual segmentations get
+    no anatomy term), or the anatomy term is used only on pairs with two manual segmentations ("manual"), or not
+    at all ("none").
 Segmentation step (F_R frozen), per pair:
     only I_m labelled:  λ_a L_a(S_m∘φ, F_S(I_t)) + λ_sp L_sp(F_S(I_m), S_m)
     only I_t labelled:  λ_a L_a(F_S(I_m)∘φ, S_t) + λ_sp L_sp(F_S(I_t), S_t)
@@ -90,6 +92,8 @@ class StepLosses:
         for b in range(ddf.shape[0]):
             moving_ok, fixed_ok = bool(batch.moving_labelled[b]), bool(batch.fixed_labelled[b])
             if mode == "manual" and not (moving_ok and fixed_ok):
+                continue
+            if moving_ok + fixed_ok < self.config.anatomy_min_manual:
                 continue
             source = batch.moving_labels[b:b + 1] if moving_ok else self._stand_in(seg_module, batch.moving[b:b + 1])
             target = batch.fixed_labels[b:b + 1] if fixed_ok else self._stand_in(seg_module, batch.fixed[b:b + 1])
