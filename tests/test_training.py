@@ -256,6 +256,24 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
         folder.chmod(0o700)
 
 
+@pytest.mark.parametrize("code", ["EACCES", "EROFS"])
+def test_refused_temporary_file_is_a_clear_error(tmp_path, monkeypatch, code):
+    """The unwritable-folder path without relying on permissions (which root ignores): the OS refuses the
+    temporary file, as it does for a read-only folder or file system."""
+    import errno
+
+    import deepatlas.checkpoint as checkpoint
+
+    def refuse(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", refuse)
+    with pytest.raises(CheckpointError, match="not writable") as caught:
+        save_checkpoint(tmp_path / "run" / "c.pt", {"step": 0})
+    assert str(tmp_path / "run" / "c.pt") in str(caught.value)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
 # ---- config ------------------------------------------------------------------------------------------------------
 
 
