@@ -2,7 +2,7 @@
 // the per-voxel work. The CPU loops step along x with unit stride in the ddf and unit or zero stride in grad_output
 // (the expanded gradient of a sum or mean): other layouts are copied to contiguous ones here. On CUDA, the
 // backward's gradient coefficients (jacobian.h, pass 1) go to a [N, 9, D, H, W] buffer in the accumulation type,
-// passed as `sample.input`; the CPU keeps a ring of 3 z-planes per thread instead (jacobian_cpu.cpp).
+// JacobianArgs::coefficients; the CPU keeps a ring of 3 z-planes per thread instead (jacobian_cpu.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -69,7 +69,7 @@ struct JacobianOps {
     at::Tensor coefficients;  // CUDA only: [N, 9, D, H, W], float for float, double for double
     if (ddf.is_cuda() && grad_ddf.numel() > 0) {
       coefficients = at::empty({ddf.size(0), 9, ddf.size(2), ddf.size(3), ddf.size(4)}, ddf.options());
-      a.sample.input = to_arg(coefficients);
+      a.coefficients = to_arg(coefficients);
     }
     a.sample.index64 = coefficients.defined() ? needs_index64({ddf, gout, grad_ddf, coefficients})
                                               : needs_index64({ddf, gout, grad_ddf});

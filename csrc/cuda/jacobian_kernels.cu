@@ -65,11 +65,11 @@ void launch_typed(const JacobianArgs& a, cudaStream_t stream) {
                                                                       params, points);
       return;
     }
-    // sample.input = the [N, 9, D, H, W] coefficient buffer (jacobian_glue.h), in acc_t.
+    // a.coefficients: the [N, 9, D, H, W] buffer allocated by jacobian_glue.h, in acc_t.
     jacobian_coefficients_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-        ddf, make_volume<const T, I>(a.sample.output), make_volume<acc_t, I>(a.sample.input), params, points);
+        ddf, make_volume<const T, I>(a.sample.output), make_volume<acc_t, I>(a.coefficients), params, points);
     jacobian_gather_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(
-        make_volume<const acc_t, I>(a.sample.input), make_volume<T, I>(a.sample.grad_coords), params, points);
+        make_volume<const acc_t, I>(a.coefficients), make_volume<T, I>(a.sample.grad_coords), params, points);
   });
 }
 

@@ -61,6 +61,7 @@ struct JacobianArgs {
   double spacing[3] = {1, 1, 1};
   FDScheme scheme[3] = {FDScheme::Central, FDScheme::Central, FDScheme::Central};
   bool backward = false;
+  TensorArg coefficients;  // CUDA backward: the [N, 9, D, H, W] gradient-coefficient buffer (acc type)
 };
 
 // warped_dice: sample.input = the source: labels [N_in, 1, D, H, W] (source_is_labels) or probabilities
