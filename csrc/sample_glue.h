@@ -168,25 +168,21 @@ inline bool use_pair_scatter(bool atomic_scatter) {
 
 // The input gradient by pairs (deepatlas/pair_scatter.h): the runner writes (index, value) pairs for every output
 // point, and index_put_(accumulate=True) sums them per index (deterministic under use_deterministic_algorithms).
-// Costs P * C * 8 (bilinear) pairs of an int64 key and a float32 / float64 value. grad_input_acc: zeros, contiguous.
+// Costs P * C * 8 (bilinear) pairs of an int64 key and a float32 / float64 value. `flat`: zeros, numel + 1 elements,
+// of which a.grad_input views the first numel; the last collects the unused slots.
 template <typename Runner>
-at::Tensor pair_scatter(const SampleArgs& a, const at::Tensor& grad_input_acc) {
-  const int64_t numel = grad_input_acc.numel();
-  at::Tensor flat = at::zeros({numel + 1}, grad_input_acc.options());  // the last element collects unused slots
-  at::Tensor buffer = flat.narrow(0, 0, numel).view(grad_input_acc.sizes());
+void pair_scatter(const SampleArgs& a, const at::Tensor& flat) {
   PairScatterArgs pairs;
   pairs.sample = a;
-  pairs.sample.grad_input = to_arg(buffer);
   pairs.slots_per_point = pair_slots_per_point(a);
-  pairs.trash = numel;
+  pairs.trash = flat.numel() - 1;
   const int64_t slots = a.num_points() * pairs.slots_per_point;  // slot offsets are computed in int64
-  at::Tensor keys = at::empty({slots}, grad_input_acc.options().dtype(at::kLong));
-  at::Tensor values = at::empty({slots}, grad_input_acc.options());
+  at::Tensor keys = at::empty({slots}, flat.options().dtype(at::kLong));
+  at::Tensor values = at::empty({slots}, flat.options());
   pairs.keys = keys.data_ptr<int64_t>();
   pairs.values = values.data_ptr();
-  Runner::run_backward_pairs(pairs, grad_input_acc.device());
+  Runner::run_backward_pairs(pairs, flat.device());
   flat.index_put_({keys}, values, /*accumulate=*/true);
-  return buffer;
 }
 
 template <typename Runner>
@@ -206,25 +202,31 @@ std::tuple<at::Tensor, at::Tensor> sample_backward(const SampleSpec& s, const at
   SampleArgs a = make_args(s, input, coords, out_size, interpolation, padding, align_corners);
   a.output = to_arg(gout);
 
+  // No points or no channels: nothing flows back (and an empty grad_output may have no storage to index).
+  const bool work = a.num_points() > 0 && input.size(1) > 0;
+  const bool pairs = output_mask[0] && work && use_pair_scatter(Runner::kAtomicScatter);
   const bool reduced = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  const auto acc_options = input.options().dtype(reduced ? at::kFloat : input.scalar_type());
   at::Tensor grad_input_acc;
+  at::Tensor pair_buffer;  // the pair path's accumulation buffer: grad_input_acc plus one unused-slot element
   at::Tensor grad_coords;
-  if (output_mask[0]) {
-    grad_input_acc = at::zeros(input.sizes(), input.options().dtype(reduced ? at::kFloat : input.scalar_type()));
-    a.grad_input = to_arg(grad_input_acc);
+  if (pairs) {
+    pair_buffer = at::zeros({input.numel() + 1}, acc_options);
+    grad_input_acc = pair_buffer.narrow(0, 0, input.numel()).view(input.sizes());
+  } else if (output_mask[0]) {
+    grad_input_acc = at::zeros(input.sizes(), acc_options);
   }
+  if (output_mask[0]) a.grad_input = to_arg(grad_input_acc);
   if (output_mask[1]) {
     grad_coords = at::empty(coords.sizes(), coords.options().memory_format(at::MemoryFormat::Contiguous));
     a.grad_coords = to_arg(grad_coords);
   }
   a.index64 = needs_index64({input, coords, gout, grad_input_acc, grad_coords});
-  // No points or no channels: nothing flows back (and an empty grad_output may have no storage to index).
-  const bool work = a.num_points() > 0 && input.size(1) > 0;
-  if (output_mask[0] && work && use_pair_scatter(Runner::kAtomicScatter)) {
+  if (pairs) {
     SampleArgs coords_only = a;
     coords_only.grad_input = TensorArg{};
     if (output_mask[1]) Runner::run_backward(coords_only, input.device());
-    grad_input_acc = pair_scatter<Runner>(a, grad_input_acc);
+    pair_scatter<Runner>(a, pair_buffer);
   } else if ((output_mask[0] || output_mask[1]) && work) {
     Runner::run_backward(a, input.device());
   }
