@@ -64,12 +64,7 @@ class BuildParams:
 
     def source_hash(self) -> str:
         """Hash of every library source and header plus the flags: the JIT cache key's content part."""
-        digest = hashlib.sha256()
-        for path in sorted(p for p in self.csrc.rglob("*") if p.is_file()):
-            if "tools" in path.relative_to(self.csrc).parts:  # the profiling driver is not in the library
-                continue
-            digest.update(str(path.relative_to(self.csrc)).encode())
-            digest.update(path.read_bytes())
+        digest = hashlib.sha256(sources_hash(self.csrc).encode())
         flags = [self.cxx_flags, self.nvcc_flags, self.ld_flags, self.arch_list, self.with_cuda, self.debug]
         digest.update(json.dumps(flags).encode())
         return digest.hexdigest()[:16]
@@ -85,7 +80,20 @@ class BuildParams:
             "cuda_arch_list": self.arch_list,
             "debug": self.debug,
             "source_hash": self.source_hash(),
+            "sources_hash": sources_hash(self.csrc),
         }
+
+
+def sources_hash(csrc: Path) -> str:
+    """Hash of the library's sources and headers (content only, no flags). The loader compares it with a prebuilt
+    library's to notice sources edited since that library was built."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(csrc).rglob("*") if p.is_file()):
+        if "tools" in path.relative_to(csrc).parts:  # the profiling driver is not in the library
+            continue
+        digest.update(str(path.relative_to(csrc)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def find_cuda_home() -> str | None:
@@ -220,3 +228,41 @@ def configure_torch_env(params: BuildParams) -> None:
     import torch.utils.cpp_extension as cpp_extension
 
     cpp_extension.CUDA_HOME = params.cuda_home
+
+
+def installed_build_is_current(package_dir: Path) -> tuple[bool, str]:
+    """Whether the prebuilt libraries in ``package_dir`` (an editable install of this checkout) were built from the
+    current sources with the flags this environment would use, against the installed torch. scripts/setup_env.sh
+    skips the (minutes-long) rebuild when they were."""
+    import torch
+
+    config_path = package_dir / "_build_config.json"
+    if not config_path.exists():
+        return False, "no prebuilt library"
+    config = json.loads(config_path.read_text())
+    params = build_params(package_dir.parent / "csrc")
+    stems = ["_C", "_C_cuda"] if params.with_cuda else ["_C"]
+    missing = [stem for stem in stems if not list(package_dir.glob(f"{stem}.*.so"))]
+    if missing:
+        return False, f"missing {', '.join(missing)}"
+    if config.get("torch_version") != torch.__version__:
+        return False, f"built for torch {config.get('torch_version')}, torch {torch.__version__} is installed"
+    if config.get("source_hash") != params.source_hash():
+        return False, "sources or build flags changed"
+    return True, "sources, flags and torch unchanged"
+
+
+if __name__ == "__main__":  # python deepatlas_cuda/_build.py --is-current: exit 0 when no rebuild is needed
+    import importlib.util
+    import sys
+
+    if sys.argv[1:] != ["--is-current"]:
+        sys.exit("usage: python deepatlas_cuda/_build.py --is-current")
+    here = Path(__file__).resolve().parent
+    spec = importlib.util.find_spec("deepatlas_cuda")
+    if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != here:
+        current, why = False, f"deepatlas_cuda is not installed from {here}"
+    else:
+        current, why = installed_build_is_current(here)
+    print(f"deepatlas_cuda build {'up to date' if current else 'needed'}: {why}")
+    sys.exit(0 if current else 1)

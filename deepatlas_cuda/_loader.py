@@ -46,6 +46,12 @@ def _load_prebuilt() -> LoadState | None:
         warnings.warn(f"deepatlas_cuda was built for torch {config.get('torch_version')}, but torch "
                       f"{torch.__version__} is installed; rebuilding just in time", stacklevel=3)
         return None
+    csrc = PACKAGE_DIR.parent / "csrc"  # present in a source checkout / editable install
+    if csrc.is_dir() and "sources_hash" in config and config["sources_hash"] != _build.sources_hash(csrc):
+        warnings.warn(f"deepatlas_cuda: the sources in {csrc} changed since the prebuilt library was built; "
+                      "rebuilding just in time (`pip install --no-build-isolation -e .` updates the prebuilt one)",
+                      stacklevel=3)
+        return None
     torch.ops.load_library(str(cpu_lib))
     libraries = [str(cpu_lib)]
     cuda_lib = _prebuilt("_C_cuda")

@@ -3,6 +3,7 @@
 # against the installed torch: --no-build-isolation). Idempotent; sourced by scripts/test.sh and scripts/demo.sh.
 #   TORCH_SPEC      torch requirement (default torch==2.14.1, a CUDA 13.0 build that also runs on the CPU)
 #   DEEPATLAS_CUDA  0 / 1 to force the CUDA library off / on (default: built when nvcc is found)
+#   DEEPATLAS_REBUILD=1  rebuild even when the installed build is current (sources, flags and torch unchanged)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DEEPATLAS_VENV:-$ROOT/.venv}"
@@ -19,6 +20,11 @@ PY="$VENV/bin/python"
   2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
 
-echo "== building deepatlas_cuda ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
-"$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
+# The build takes minutes (nvcc): skip it when the installed one is from these sources, flags and torch.
+if [ "${DEEPATLAS_REBUILD:-0}" != "1" ] && "$PY" "$ROOT/deepatlas_cuda/_build.py" --is-current; then
+  :
+else
+  echo "== building deepatlas_cuda ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
+fi
 "$PY" -c "import deepatlas_cuda, json; print(json.dumps(deepatlas_cuda.build_info()))"

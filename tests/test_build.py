@@ -1,5 +1,6 @@
 """The build machinery: build parameters, CUDA toolkit discovery, arch clamping, cache keys, locks, build_info."""
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -98,6 +99,49 @@ def test_cache_key_tracks_torch_abi_and_sources(tmp_path, monkeypatch):
     assert _loader.cache_key(_build.build_params(csrc)) != key
     monkeypatch.setenv("DEEPATLAS_DEBUG", "1")
     assert _loader.cache_key(_build.build_params(csrc)) != key
+
+
+def _fake_checkout(tmp_path, monkeypatch):
+    """A source checkout with a CPU-only prebuilt "library" recorded as built from its sources: (package, csrc)."""
+    monkeypatch.setenv("DEEPATLAS_CUDA", "0")
+    csrc, package = tmp_path / "csrc", tmp_path / "deepatlas_cuda"
+    csrc.mkdir()
+    package.mkdir()
+    (csrc / "ops.cpp").write_text("// one\n")
+    (package / "_C.cpython-311-x86_64-linux-gnu.so").write_text("")
+    (package / "_build_config.json").write_text(json.dumps(_build.build_params(csrc).config()))
+    return package, csrc
+
+
+def test_setup_env_skips_the_rebuild_only_when_sources_flags_and_torch_are_unchanged(tmp_path, monkeypatch):
+    package, csrc = _fake_checkout(tmp_path, monkeypatch)
+    assert _build.installed_build_is_current(package) == (True, "sources, flags and torch unchanged")
+    monkeypatch.setenv("DEEPATLAS_DEBUG", "1")
+    assert _build.installed_build_is_current(package) == (False, "sources or build flags changed")
+    monkeypatch.delenv("DEEPATLAS_DEBUG")
+    (csrc / "ops.cpp").write_text("// two\n")
+    assert _build.installed_build_is_current(package) == (False, "sources or build flags changed")
+    config = json.loads((package / "_build_config.json").read_text())
+    (package / "_build_config.json").write_text(json.dumps({**config, "torch_version": "0.0.1"}))
+    assert _build.installed_build_is_current(package)[1].startswith("built for torch 0.0.1")
+    monkeypatch.setenv("DEEPATLAS_CUDA", "1")
+    monkeypatch.setattr(_build, "find_cuda_home", lambda: "/opt/cuda")
+    monkeypatch.setattr(_build, "decide_cuda", lambda home: (True, "forced"))
+    monkeypatch.setattr(_build, "resolve_arch_list", lambda home: ["9.0"])
+    monkeypatch.setattr(_build, "nvcc_version", lambda home: "13.0")
+    assert _build.installed_build_is_current(package) == (False, "missing _C_cuda")
+
+
+def test_prebuilt_library_from_edited_sources_is_not_loaded(tmp_path, monkeypatch):
+    package, csrc = _fake_checkout(tmp_path, monkeypatch)
+    loaded = []
+    monkeypatch.setattr(_loader, "PACKAGE_DIR", package)
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    assert _loader._load_prebuilt().loaded_from == "prebuilt" and len(loaded) == 1
+    (csrc / "ops.cpp").write_text("// edited after the build\n")
+    with pytest.warns(UserWarning, match="sources in .*csrc changed since the prebuilt library was built"):
+        assert _loader._load_prebuilt() is None
+    assert len(loaded) == 1
 
 
 def test_build_lock_removes_a_stale_torch_lock(tmp_path):
