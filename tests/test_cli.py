@@ -37,6 +37,26 @@ def compared(tmp_path_factory):
     return output, json.loads(buffer.getvalue())
 
 
+def test_compare_over_seeds_reports_each_seed_and_the_spread(capsys, tmp_path):
+    report = run_json(capsys, ["compare", *TINY_FLAGS, "--methods", "reg_only,seg_only", "--seeds", "3", "4",
+                               "--output", str(tmp_path), "--json"])
+    rows = report["results"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("reg_only", 3), ("seg_only", 3), ("reg_only", 4),
+                                                        ("seg_only", 4)]
+    assert (tmp_path / "seed4" / "seg_only" / "results.json").exists()
+    reg = torch.tensor([r["reg_dice"] for r in rows if r["method"] == "reg_only"], dtype=torch.float64)
+    assert reg[0] != reg[1]  # another seed: other subjects, another initialisation
+    summary = {entry["method"]: entry for entry in report["summary"]}
+    assert summary["reg_only"]["reg_dice_mean"] == pytest.approx(reg.mean().item())
+    assert summary["reg_only"]["reg_dice_sd"] == pytest.approx(reg.std().item())
+    assert summary["reg_only"]["seg_dice_mean"] is None and summary["seg_only"]["seeds"] == 2
+    assert main(["compare", *TINY_FLAGS, "--methods", "reg_only,seg_only", "--seeds", "3", "4",
+                 "--output", str(tmp_path)]) == 0  # resumes the finished runs, prints the table
+    table = capsys.readouterr().out
+    assert "| method | reg Dice: seed 3 | seed 4 | mean ± sd |" in table
+    assert f"{reg.mean().item():.3f} ± {reg.std().item():.3f}" in table
+
+
 def test_compare_json_has_one_entry_per_method(compared):
     output, report = compared
     methods = [r["method"] for r in report["results"]]

@@ -61,11 +61,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .run import compare
+    from .run import compare, compare_seeds, seed_summary, seeds_table
     config = config_from_args(args)
     methods = tuple(m.strip() for m in args.methods.split(","))
-    results = compare(config, methods, progress=not args.no_progress)
-    _report(results, args.json)
+    if args.seeds is None:
+        _report(compare(config, methods, progress=not args.no_progress), args.json)
+        return 0
+    rows = compare_seeds(config, methods, args.seeds, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({"results": [_jsonable(r) for r in rows], "summary": seed_summary(rows)}))
+    else:
+        print(seeds_table(rows))
     return 0
 
 
@@ -209,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = command("compare", cmd_compare, "train the independent baselines and the joint model on the same "
                                               "data and compare them (one folder per method under --output)")
     add_config_flags(compare)
+    compare.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                         help="repeat the comparison for each seed (training and data seed; outputs in "
+                              "OUTPUT/seed<S>) and report each score's mean and sd over seeds")
     compare.add_argument("--methods", default="reg_only,seg_only,joint",
                          help="comma-separated: joint, reg_only, reg_anatomy, seg_only")
     _common(compare, json_flag=True, progress=True, device=False)
