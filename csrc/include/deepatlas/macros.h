@@ -16,6 +16,13 @@
 // Every per-voxel function: callable from a CPU loop and from a CUDA kernel.
 #define DA_HD DA_HOST_DEVICE DA_INLINE
 
+// A rarely taken per-voxel path kept out of line, so that the common path of the loop around it stays small.
+#ifdef __CUDACC__
+#define DA_HD_COLD DA_HOST_DEVICE __noinline__
+#else
+#define DA_HD_COLD __attribute__((noinline, cold))
+#endif
+
 namespace deepatlas {
 
 DA_HD float da_floor(float v) { return floorf(v); }

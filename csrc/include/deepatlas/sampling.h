@@ -131,8 +131,7 @@ struct Trilinear {
     if (all_inside) {  // the common case: corner offsets are the lower corner's plus fixed steps
       const I base = lo[0] * stride[0] + lo[1] * stride[1] + lo[2] * stride[2];
       for (int corner = 0; corner < 8; ++corner) {
-        offset[corner] = base + ((corner >> 2) ? stride[0] : I(0)) + (((corner >> 1) & 1) ? stride[1] : I(0)) +
-                         ((corner & 1) ? stride[2] : I(0));
+        offset[corner] = base + corner_step(corner, stride);
         inside[corner] = true;
       }
       return;
@@ -152,6 +151,12 @@ struct Trilinear {
         }
       }
     }
+  }
+  // All corners inside: offset of corner k from corner 0, the same for every location (a loop over points keeps
+  // it in a register instead of loading offset[k]).
+  DA_HD static I corner_step(int corner, const I stride[3]) {
+    return ((corner >> 2) ? stride[0] : I(0)) + (((corner >> 1) & 1) ? stride[1] : I(0)) +
+           ((corner & 1) ? stride[2] : I(0));
   }
   DA_HD acc_t w(int axis, int hi) const { return hi ? w1[axis] : w0[axis]; }
   DA_HD acc_t weight(int corner) const {

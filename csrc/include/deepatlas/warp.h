@@ -97,6 +97,37 @@ struct SpatialGeometry {
   }
 };
 
+// The channels of a point with a corner outside the volume (outside corners count as 0): forward values, or the
+// per-axis gradient sum_c grad_out[c] * d(out[c])/d(location). Out of line (DA_HD_COLD) so that the all-inside
+// path stays lean; g++ otherwise merges both into one loop of flag-checked reads with spilled offsets. Such points
+// are rare: the volume's border, or locations outside it.
+template <typename acc_t, typename TIn, typename I>
+DA_HD_COLD void forward_channels_edge(const Trilinear<acc_t, I>& t, const acc_t w[8], const TIn* base, I in_channel,
+                                      TIn* dst, I out_channel, I channels) {
+  for (I ch = 0; ch < channels; ++ch) {
+    const TIn* plane = base + ch * in_channel;
+    acc_t sum = 0;
+    for (int k = 0; k < 8; ++k) {
+      if (t.inside[k]) sum += to_acc<acc_t>(plane[t.offset[k]]) * w[k];
+    }
+    dst[ch * out_channel] = from_acc<TIn>(sum);
+  }
+}
+
+template <typename acc_t, typename TIn, typename I>
+DA_HD_COLD void coords_grad_channels_edge(const Trilinear<acc_t, I>& t, const TIn* base, I in_channel,
+                                          const TIn* go_ptr, I go_channel, I channels, acc_t g[3]) {
+  for (I ch = 0; ch < channels; ++ch) {
+    const TIn* plane = base + ch * in_channel;
+    const acc_t go = to_acc<acc_t>(go_ptr[ch * go_channel]);
+    acc_t v[8];  // outside corners (offset 0) count as 0
+    for (int k = 0; k < 8; ++k) v[k] = t.inside[k] ? to_acc<acc_t>(plane[t.offset[k]]) : acc_t(0);
+    acc_t gc[3];
+    t.gradient(v, gc);
+    for (int axis = 0; axis < 3; ++axis) g[axis] += gc[axis] * go;
+  }
+}
+
 // out[n, :, z, y, x] = input sampled at the location of q.
 template <typename acc_t, typename Coords, typename TIn, typename I>
 DA_HD void sample_forward_point(const Coords& coords, const Volume<const TIn, I>& input, const Volume<TIn, I>& out,
@@ -118,16 +149,14 @@ DA_HD void sample_forward_point(const Coords& coords, const Volume<const TIn, I>
   const Trilinear<acc_t, I> t(loc.c, geo.size, geo.stride);
   acc_t w[8];
   for (int k = 0; k < 8; ++k) w[k] = t.weight(k);
+  if (!t.all_inside) {
+    forward_channels_edge(t, w, base, input.stride[1], dst, out.stride[1], channels);
+    return;
+  }
   for (I ch = 0; ch < channels; ++ch) {
-    const TIn* plane = base + ch * input.stride[1];
+    const TIn* first = base + ch * input.stride[1] + t.offset[0];
     acc_t sum = 0;
-    if (t.all_inside) {
-      for (int k = 0; k < 8; ++k) sum += to_acc<acc_t>(plane[t.offset[k]]) * w[k];
-    } else {
-      for (int k = 0; k < 8; ++k) {
-        if (t.inside[k]) sum += to_acc<acc_t>(plane[t.offset[k]]) * w[k];
-      }
-    }
+    for (int k = 0; k < 8; ++k) sum += to_acc<acc_t>(first[Trilinear<acc_t, I>::corner_step(k, geo.stride)]) * w[k];
     dst[ch * out.stride[1]] = from_acc<TIn>(sum);
   }
 }
@@ -146,16 +175,18 @@ DA_HD void sample_backward_coords_point(const Coords& coords, const Volume<const
     const TIn* go_ptr = &grad_out.at(q.n, 0, q.z, q.y, q.x);
     const Location<acc_t, I> loc = locate<acc_t>(coords, q, geo.size, padding);
     const Trilinear<acc_t, I> t(loc.c, geo.size, geo.stride);
-    for (I ch = 0; ch < channels; ++ch) {
-      const TIn* plane = base + ch * input.stride[1];
-      const acc_t go = to_acc<acc_t>(go_ptr[ch * grad_out.stride[1]]);
-      acc_t v[8];  // corner values; outside corners (offset 0) count as 0
-      for (int k = 0; k < 8; ++k) {
-        v[k] = (t.all_inside || t.inside[k]) ? to_acc<acc_t>(plane[t.offset[k]]) : acc_t(0);
+    if (!t.all_inside) {
+      coords_grad_channels_edge(t, base, input.stride[1], go_ptr, grad_out.stride[1], channels, g);
+    } else {
+      for (I ch = 0; ch < channels; ++ch) {
+        const TIn* first = base + ch * input.stride[1] + t.offset[0];
+        const acc_t go = to_acc<acc_t>(go_ptr[ch * grad_out.stride[1]]);
+        acc_t v[8];
+        for (int k = 0; k < 8; ++k) v[k] = to_acc<acc_t>(first[Trilinear<acc_t, I>::corner_step(k, geo.stride)]);
+        acc_t gc[3];
+        t.gradient(v, gc);
+        for (int axis = 0; axis < 3; ++axis) g[axis] += gc[axis] * go;
       }
-      acc_t gc[3];
-      t.gradient(v, gc);
-      for (int axis = 0; axis < 3; ++axis) g[axis] += gc[axis] * go;
     }
     for (int k = 0; k < 3; ++k) g[k] *= loc.dc[k];
   }
