@@ -1,6 +1,7 @@
 """The `deepatlas` command line end to end on tiny synthetic data: compare (JSON), evaluate, register, segment,
 train with a config file, bench, info, --help everywhere, and the demo's --quick setting."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -55,6 +56,14 @@ def test_compare_over_seeds_reports_each_seed_and_the_spread(capsys, tmp_path):
     table = capsys.readouterr().out
     assert "| method | reg Dice: seed 3 | seed 4 | mean ± sd |" in table
     assert f"{reg.mean().item():.3f} ± {reg.std().item():.3f}" in table
+
+
+def test_compare_preset_is_the_demos_settings_under_the_flags():
+    from deepatlas.cli import config_from_args
+    from deepatlas.demo import PRESETS, demo_config
+    args = build_parser().parse_args(["compare", "--preset", "default", "--lambda-a", "0.5", "--output", "x"])
+    config = config_from_args(args, PRESETS[args.preset])
+    assert config == dataclasses.replace(demo_config("x", "default"), lambda_a=0.5)
 
 
 def test_compare_json_has_one_entry_per_method(compared):

@@ -61,8 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from .demo import PRESETS
     from .run import compare, compare_seeds, seed_summary, seeds_table
-    config = config_from_args(args)
+    config = config_from_args(args, PRESETS[args.preset] if args.preset else None)
     methods = tuple(m.strip() for m in args.methods.split(","))
     if args.seeds is None:
         _report(compare(config, methods, progress=not args.no_progress), args.json)
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = command("compare", cmd_compare, "train the independent baselines and the joint model on the same "
                                               "data and compare them (one folder per method under --output)")
     add_config_flags(compare)
+    compare.add_argument("--preset", choices=("quick", "default", "long"),
+                         help="start from a `deepatlas demo` preset's settings (--config and flags override them)")
     compare.add_argument("--seeds", type=int, nargs="+", metavar="S",
                          help="repeat the comparison for each seed (training and data seed; outputs in "
                               "OUTPUT/seed<S>) and report each score's mean and sd over seeds")
