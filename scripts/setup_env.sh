@@ -21,9 +21,7 @@ PY="$VENV/bin/python"
 "$PY" -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
 
 # The build takes minutes (nvcc): skip it when the installed one is from these sources, flags and torch.
-if [ "${DEEPATLAS_REBUILD:-0}" != "1" ] && "$PY" "$ROOT/deepatlas_cuda/_build.py" --is-current; then
-  :
-else
+if [ "${DEEPATLAS_REBUILD:-0}" = "1" ] || ! "$PY" "$ROOT/deepatlas_cuda/_build.py" --is-current; then
   echo "== building deepatlas_cuda ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
   "$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
 fi
