@@ -124,6 +124,10 @@ def test_registration_metrics():
     result = registration_metrics(moving, fixed, shift, 3)
     assert result["reg_dice"] == pytest.approx(mean_foreground_dice(shifted, fixed, 3).item())
     assert result["folding_pct"] == 0.0
+    with_classes = registration_metrics(moving, fixed, shift, 3, per_class=True)
+    torch.testing.assert_close(with_classes.pop("reg_dice_per_class"), dice_per_class(shifted, fixed, 3),
+                               equal_nan=True)
+    assert with_classes == result
     flip = identity.clone()
     flip[:, 0] = -2 * torch.arange(8.0).view(8, 1, 1)  # det = -1 everywhere
     assert registration_metrics(moving, fixed, flip, 3)["folding_pct"] == 100.0
@@ -134,3 +138,7 @@ def test_segmentation_metrics():
     expected = mean_foreground_dice(pred, labels, 3).mean().item()
     assert segmentation_metrics(pred, labels, 3) == {"seg_dice": pytest.approx(expected)}
     assert segmentation_metrics(labels.numpy(), labels.numpy(), 3)["seg_dice"] == 1.0
+    with_classes = segmentation_metrics(pred, labels, 3, per_class=True)
+    torch.testing.assert_close(with_classes.pop("seg_dice_per_class"), dice_per_class(pred, labels, 3),
+                               equal_nan=True)
+    assert with_classes == segmentation_metrics(pred, labels, 3)

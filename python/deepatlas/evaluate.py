@@ -33,10 +33,10 @@ def evaluate_registration(reg_net: nn.Module, images: Tensor, labels: Tensor, nu
     for moving, fixed in test_pairs(images.shape[0], max_pairs):
         before.append(float(metrics.mean_foreground_dice(labels[moving, 0], labels[fixed, 0], num_classes)))
         ddf = reg_net(images[moving:moving + 1], images[fixed:fixed + 1]).float()
-        rows.append(metrics.registration_metrics(labels[moving:moving + 1], labels[fixed:fixed + 1], ddf,
-                                                 num_classes))
-        warped = _warp_nearest(labels[moving:moving + 1], ddf)
-        per_class.append(metrics.dice_per_class(warped, labels[fixed:fixed + 1], num_classes).reshape(-1))
+        row = metrics.registration_metrics(labels[moving:moving + 1], labels[fixed:fixed + 1], ddf, num_classes,
+                                           per_class=True)
+        per_class.append(row.pop("reg_dice_per_class").reshape(-1))
+        rows.append(row)
     reg_net.train(was_training)
     result = {key: _mean([float(row[key]) for row in rows]) for key in ("reg_dice", "folding_pct", "std_log_det")}
     result["reg_dice_per_class"] = _nanmean_rows(per_class)
@@ -52,16 +52,11 @@ def evaluate_segmentation(seg_net: nn.Module, images: Tensor, labels: Tensor, nu
     scores, per_class = [], []
     for index in range(images.shape[0]):
         prediction = seg_net(images[index:index + 1]).argmax(1, keepdim=True)
-        scores.append(float(metrics.segmentation_metrics(prediction, labels[index:index + 1], num_classes)
-                            ["seg_dice"]))
-        per_class.append(metrics.dice_per_class(prediction, labels[index:index + 1], num_classes).reshape(-1))
+        row = metrics.segmentation_metrics(prediction, labels[index:index + 1], num_classes, per_class=True)
+        scores.append(row["seg_dice"])
+        per_class.append(row["seg_dice_per_class"].reshape(-1))
     seg_net.train(was_training)
     return {"seg_dice": _mean(scores), "seg_dice_per_class": _nanmean_rows(per_class)}
-
-
-def _warp_nearest(labels: Tensor, ddf: Tensor) -> Tensor:
-    import deepatlas_cuda as da
-    return da.warp_labels(labels, ddf, mode="nearest")
 
 
 def _mean(values: list[float]) -> float:

@@ -67,8 +67,12 @@ def mean_foreground_dice(pred, target, num_classes: int) -> Tensor:
     """Mean of :func:`dice_per_class` over the foreground classes 1..K-1 present in at least one of the two maps
     (absent classes are skipped): float64 scalar tensor for ``[D, H, W]`` maps, ``[N]`` for a batch. NaN only when
     no foreground class is present in either map (Dice is undefined there)."""
-    dice = dice_per_class(pred, target, num_classes)[..., 1:]
-    return torch.nanmean(dice, dim=-1)
+    return _foreground_mean(dice_per_class(pred, target, num_classes))
+
+
+def _foreground_mean(dice: Tensor) -> Tensor:
+    """``[..., K]`` per-class Dice -> ``[...]``: the mean over classes 1..K-1, skipping NaN (absent) entries."""
+    return torch.nanmean(dice[..., 1:], dim=-1)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -119,30 +123,41 @@ def _batch_mean(values: Tensor) -> float:
 
 @torch.no_grad()
 def registration_metrics(moving_labels, fixed_labels, ddf: Tensor, num_classes: int,
-                         spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, float]:
+                         spacing: Sequence[float] = (1.0, 1.0, 1.0), per_class: bool = False) -> dict:
     """Registration quality of ``ddf`` ``[N, 3, D, H, W]`` (voxels, the ``warp`` convention), averaged over the
     batch (NaN entries skipped):
 
     - ``reg_dice``: :func:`mean_foreground_dice` between ``warp_labels(moving_labels, ddf, 'nearest')`` and
       ``fixed_labels`` (integer ``[N or 1, 1, D, H, W]`` and ``[N, 1, D, H, W]``, numpy or torch);
     - ``folding_pct``: 100 x the fraction of voxels with det(I + grad u) <= 0 (central differences);
-    - ``std_log_det``: standard deviation of log det over the non-folded voxels.
+    - ``std_log_det``: standard deviation of log det over the non-folded voxels;
+    - with ``per_class=True`` also ``reg_dice_per_class``: the :func:`dice_per_class` ``[N, K]`` tensor behind
+      ``reg_dice`` (the labels are warped once for both).
 
     ``spacing`` is the voxel size used by the Jacobian; keep the default for a ddf in voxels.
     """
     moving_labels = torch.as_tensor(moving_labels, device=ddf.device)
     fixed_labels = torch.as_tensor(fixed_labels, device=ddf.device)
     warped = da.warp_labels(moving_labels, ddf, mode="nearest")
+    dice = dice_per_class(warped, fixed_labels, num_classes)  # [N, K]
     stats = da.folding_stats(ddf, spacing)
-    return {
-        "reg_dice": _batch_mean(mean_foreground_dice(warped, fixed_labels, num_classes)),
+    result = {
+        "reg_dice": _batch_mean(_foreground_mean(dice)),
         "folding_pct": 100 * _batch_mean(stats["fraction_folded"]),
         "std_log_det": _batch_mean(stats["std_log_det"]),
     }
+    if per_class:
+        result["reg_dice_per_class"] = dice
+    return result
 
 
 @torch.no_grad()
-def segmentation_metrics(pred_labels, labels, num_classes: int) -> dict[str, float]:
+def segmentation_metrics(pred_labels, labels, num_classes: int, per_class: bool = False) -> dict:
     """``seg_dice``: :func:`mean_foreground_dice` of ``pred_labels`` against ``labels`` (integer ``[D, H, W]`` or
-    ``[N, 1, D, H, W]``), averaged over the batch (NaN entries skipped)."""
-    return {"seg_dice": _batch_mean(mean_foreground_dice(pred_labels, labels, num_classes))}
+    ``[N, 1, D, H, W]``), averaged over the batch (NaN entries skipped); with ``per_class=True`` also
+    ``seg_dice_per_class``, the :func:`dice_per_class` tensor behind it."""
+    dice = dice_per_class(pred_labels, labels, num_classes)
+    result = {"seg_dice": _batch_mean(_foreground_mean(dice))}
+    if per_class:
+        result["seg_dice_per_class"] = dice
+    return result
