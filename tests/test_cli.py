@@ -64,6 +64,8 @@ def test_compare_preset_is_the_demos_settings_under_the_flags():
     args = build_parser().parse_args(["compare", "--preset", "default", "--lambda-a", "0.5", "--output", "x"])
     config = config_from_args(args, PRESETS[args.preset])
     assert config == dataclasses.replace(demo_config("x", "default"), lambda_a=0.5)
+    args = build_parser().parse_args(["compare", "--preset", "default", "--lambda-a-reg", "0.1", "--output", "x"])
+    assert config_from_args(args, PRESETS[args.preset]).lambda_a_reg == 0.1
 
 
 def test_compare_json_has_one_entry_per_method(compared):

@@ -382,3 +382,25 @@ def test_anatomy_min_manual_skips_pairs_with_fewer_manual_labels(tmp_path, min_m
         assert ("anatomy" in parts) == (manual >= min_manual)
     with pytest.raises(ValueError, match="anatomy_min_manual"):
         tiny_config(tmp_path, anatomy_min_manual=3)
+
+
+def test_lambda_a_reg_weighs_the_anatomy_term_of_registration_steps_only(tmp_path):
+    """lambda_a_reg replaces lambda_a in registration steps (None: lambda_a); 0 drops the term there."""
+    config = tiny_config(tmp_path, batch_size=2, lambda_a=0.5)
+    volumes = tiny_volumes(config, labelled=1)
+    batch = draw_batch(volumes, REG, 0, 4, 2, True, 0)
+    labelled = dataclasses.replace(batch, moving_labelled=torch.tensor([True, True]),
+                                   fixed_labelled=torch.tensor([True, True]))
+    losses_by_weight = {}
+    for weight in (None, 0.0, 2.0):
+        trainer = Trainer(replace(config, lambda_a_reg=weight), volumes, config.num_classes, progress=False)
+        loss, parts = trainer.losses.registration(trainer.models, labelled, "joint")
+        assert ("anatomy" in parts) == (weight != 0.0)
+        losses_by_weight[weight] = loss.item(), parts
+    base = losses_by_weight[0.0][0]  # similarity + lambda_r * smoothness, the same initial F_R in every run
+    anatomy = losses_by_weight[2.0][1]["anatomy"]
+    assert losses_by_weight[2.0][0] == pytest.approx(base + 2.0 * anatomy, rel=1e-5)
+    assert losses_by_weight[None][0] == pytest.approx(base + 0.5 * anatomy, rel=1e-5)
+    assert replace(config, lambda_a_reg=None).registration_anatomy_weight == 0.5
+    with pytest.raises(ValueError, match="lambda_a_reg"):
+        tiny_config(tmp_path, lambda_a_reg=-1.0)

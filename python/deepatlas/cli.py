@@ -35,6 +35,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, tuple):
             group.add_argument(flag, type=int, nargs="+", metavar="N", **kwargs)
+        elif default is None:  # optional numbers ("float | None"): the flag takes the number
+            group.add_argument(flag, type=float, **kwargs)
         else:
             group.add_argument(flag, type=type(default), **kwargs)
 

@@ -47,6 +47,7 @@ class TrainConfig(DictRecord):
     regulariser: str = "diffusion"
     lambda_r: float = 1.0              # weight of the regulariser
     lambda_a: float = 1.0              # weight of the anatomy (warped-Dice) loss
+    lambda_a_reg: float | None = None  # its weight in registration steps only (None: lambda_a)
     anatomy_prediction: str = "soft"   # registration step, unlabelled image: F_S's "soft" probabilities or "hard" argmax
     anatomy_min_manual: int = 0        # registration step: anatomy term only on pairs with >= this many manual labels
     lambda_sp: float = 1.0             # weight of the supervised segmentation loss
@@ -97,6 +98,8 @@ class TrainConfig(DictRecord):
         for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lambda_a_reg is not None and not self.lambda_a_reg >= 0:
+            raise ValueError(f"config.lambda_a_reg must be >= 0 or None (= lambda_a), got {self.lambda_a_reg}")
         positive = ("num_train", "num_classes", "reg_per_seg", "batch_size", "lr", "checkpoint_every", "log_every",
                     "integration_steps", "lncc_window", "eval_pairs")
         for name in positive:
@@ -104,6 +107,11 @@ class TrainConfig(DictRecord):
                 raise ValueError(f"config.{name} must be > 0, got {getattr(self, name)}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise ValueError("config.amp='fp16' needs a CUDA device; use 'bf16' or 'none' on the CPU")
+
+    @property
+    def registration_anatomy_weight(self) -> float:
+        """The anatomy loss weight of registration steps: ``lambda_a_reg``, or ``lambda_a`` when it is None."""
+        return self.lambda_a if self.lambda_a_reg is None else self.lambda_a_reg
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

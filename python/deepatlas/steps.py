@@ -76,10 +76,10 @@ class StepLosses:
             folding = losses.folding_penalty(ddf)
             loss = loss + cfg.lambda_fold * folding
             parts["fold"] = folding.item()
-        if anatomy != "none" and cfg.lambda_a > 0:
+        if anatomy != "none" and cfg.registration_anatomy_weight > 0:
             anatomy_loss, used = self._registration_anatomy(models.seg_module, batch, ddf, anatomy)
             if used:
-                loss = loss + cfg.lambda_a * anatomy_loss
+                loss = loss + cfg.registration_anatomy_weight * anatomy_loss
                 parts["anatomy"] = anatomy_loss.item()
                 parts["dice"] = 1.0 - parts["anatomy"]
         parts["loss"] = loss.item()
