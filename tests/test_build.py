@@ -159,3 +159,15 @@ def test_cuda_tensor_on_a_cpu_only_build_says_how_to_rebuild(monkeypatch):
         ddf = torch.empty(1, 3, 4, 4, 4, device="cuda")
         with pytest.raises(RuntimeError, match="no CUDA kernels.*DEEPATLAS_CUDA=1 pip install --no-build-isolation"):
             deepatlas_cuda.warp(image, ddf)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_gpu_check_script_says_no_gpu_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), "build"], env={**os.environ, "PY": sys.executable,
+                                                                "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "sees no CUDA GPU" in done.stderr

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one command, for a machine where PyTorch with CUDA is already installed
+# (a cloud box, or a lent machine with no network): builds the CPU and CUDA libraries just in time for the visible
+# GPU's architecture, runs the CUDA tests, runs them again under compute-sanitizer, and measures the CUDA
+# benchmark report. No pip install, no download.
+#
+#   scripts/gpu_check.sh [STAGE...]     stages: build test sanitize bench (default: all four, in that order)
+#
+#   PY        the Python that holds torch (default: python3)
+#   OUT       where logs and reports go (default: .gpu-check/out); summary.txt has one "stage rc" line per stage
+#   TORCH_CUDA_ARCH_LIST   default: the visible GPU's compute capability (one architecture builds fastest)
+#
+# The build is cached in .gpu-check/jit (ignored by git), so stages can run in separate calls on the same machine:
+# e.g. `scripts/gpu_check.sh build test`, then `scripts/gpu_check.sh sanitize`, then `scripts/gpu_check.sh bench`.
+# Exit status: 0 when every stage passed, 1 when one failed, 2 when no CUDA GPU is visible.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PY:-python3}"
+OUT="${OUT:-$ROOT/.gpu-check/out}"
+mkdir -p "$OUT"
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: $PY sees no CUDA GPU (torch.cuda.is_available() is False); nothing to check here" >&2
+  exit 2
+fi
+
+export DEEPATLAS_FORCE_JIT=1 DEEPATLAS_CUDA=1 DEEPATLAS_CACHE_DIR="$ROOT/.gpu-check/jit"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c \
+  "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
+export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+# The CUDA tests of the ops; the model's (tests/test_losses.py, tests/test_nets.py) join when its dependencies
+# (nibabel, ...) import, and a test file that cannot be collected is reported without stopping the others.
+PYTEST=("$PY" -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests)
+
+stage_build() {
+  "$PY" - <<'EOF'
+import json
+import torch
+import deepatlas_cuda
+info = deepatlas_cuda.build_info()
+print(json.dumps(info, indent=1))
+print("device:", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+assert info["cuda_kernels"], "the CUDA library was not built"
+EOF
+}
+
+stage_test() { "${PYTEST[@]}"; }
+
+stage_sanitize() {
+  # memcheck: out-of-bounds and misaligned device accesses; initcheck: reads of device memory never written (every
+  # output element must be written). Only the kernels' own test file: sanitized runs are slow.
+  local tool status=0
+  local SANITIZER
+  SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+  for tool in memcheck initcheck; do
+    echo "== compute-sanitizer --tool $tool"
+    "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+      "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py || status=1
+  done
+  return $status
+}
+
+stage_bench() {
+  "$PY" benchmarks/report.py --device cuda --sizes 64 128 full --repeats 20 --no-peak \
+    --out "$OUT/benchmark_report_cuda.md"
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize bench)
+failed=0
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    build|test|sanitize|bench) ;;
+    *) echo "gpu_check: unknown stage '$stage' (expected build, test, sanitize or bench)" >&2; exit 1 ;;
+  esac
+  echo "== $stage (log: $OUT/$stage.log)"
+  start=$SECONDS
+  "stage_$stage" >"$OUT/$stage.log" 2>&1
+  rc=$?
+  tail -n 15 "$OUT/$stage.log"
+  echo "$stage rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/summary.txt"
+  [ $rc -ne 0 ] && failed=1
+done
+exit $failed
