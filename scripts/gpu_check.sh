@@ -30,9 +30,9 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c \
   "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
 export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-# The CUDA tests of the ops; the model's (tests/test_losses.py, tests/test_nets.py) join when its dependencies
-# (nibabel, ...) import, and a test file that cannot be collected is reported without stopping the others.
-PYTEST=("$PY" -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests)
+# The test files that hold cuda-marked tests (the others need the model's dependencies, absent on a bare machine).
+mapfile -t CUDA_TEST_FILES < <(grep -l "pytest.mark.cuda" tests/test_*.py)
+PYTEST=("$PY" -m pytest -q -m cuda -p no:cacheprovider "${CUDA_TEST_FILES[@]}")
 
 stage_build() {
   "$PY" - <<'EOF'
@@ -50,14 +50,14 @@ stage_test() { "${PYTEST[@]}"; }
 
 stage_sanitize() {
   # memcheck: out-of-bounds and misaligned device accesses; initcheck: reads of device memory never written (every
-  # output element must be written). Only the kernels' own test file: sanitized runs are slow.
+  # output element must be written). The same cuda-marked tests as stage_test.
   local tool status=0
   local SANITIZER
   SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
   for tool in memcheck initcheck; do
     echo "== compute-sanitizer --tool $tool"
     "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 20 \
-      "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py || status=1
+      "${PYTEST[@]}" -x || status=1
   done
   return $status
 }
