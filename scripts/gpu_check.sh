@@ -63,7 +63,7 @@ stage_sanitize() {
 }
 
 stage_bench() {
-  "$PY" benchmarks/report.py --device cuda --sizes 64 128 full --repeats 20 --no-peak \
+  "$PY" benchmarks/report.py --device cuda --sizes 64 128 full --repeats 20 --peak-jobs 4 \
     --out "$OUT/benchmark_report_cuda.md"
 }
 
