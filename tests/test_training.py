@@ -14,6 +14,7 @@ import torch
 
 from deepatlas.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from deepatlas.config import TrainConfig
+from deepatlas.divergence import DivergenceGuard
 from deepatlas.pairs import draw_batch, draw_indices, step_generator
 from deepatlas.schedule import REG, SEG_JOINT, SEG_SUPERVISED, phases, step_at, total_steps
 from deepatlas.trainer import LATEST, Trainer
@@ -404,3 +405,38 @@ def test_lambda_a_reg_weighs_the_anatomy_term_of_registration_steps_only(tmp_pat
     assert replace(config, lambda_a_reg=None).registration_anatomy_weight == 0.5
     with pytest.raises(ValueError, match="lambda_a_reg"):
         tiny_config(tmp_path, lambda_a_reg=-1.0)
+
+
+def test_divergence_guard_flags_a_jump_above_both_the_ratio_and_the_floor():
+    guard = DivergenceGuard(ratio=100, window=50, min_history=20, floor=10)
+    for i in range(19):
+        assert guard.check("reg", 0.1 + 0.01 * (i % 3)) is None
+    assert guard.check("reg", 50.0) is None  # 19 earlier losses: too few to judge
+    assert guard.check("reg", 5.0) is None  # 45x the median, but under the floor
+    assert "jumped to 12" in guard.check("reg", 12.0)  # over 100x the median (0.11) and the floor
+    assert guard.check("seg", 1e6) is None  # each key has its own history
+    off = DivergenceGuard(ratio=0)
+    assert all(off.check("reg", value) is None for value in [0.1] * 30 + [1e9])
+
+
+def test_training_stops_at_a_diverging_loss_before_it_is_checkpointed(tmp_path):
+    """A registration loss that jumps 10^4-fold at step 33 stops the run with FloatingPointError; the latest
+    checkpoint is the one from step 30, before the jump."""
+    config = tiny_config(tmp_path, reg_pretrain_steps=40, checkpoint_every=10)
+    trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False)
+    registration = trainer.losses.registration
+
+    def exploding(models, batch, anatomy):
+        loss, parts = registration(models, batch, anatomy)
+        if trainer.step >= 33:
+            loss = loss * 1e4
+            parts = {**parts, "loss": loss.item()}
+        return loss, parts
+
+    trainer.losses.registration = exploding
+    with pytest.raises(FloatingPointError, match="step 33 \\(reg_pretrain, reg\\): the loss jumped.*diverged"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / LATEST)["step"] == 30
+    resumed = Trainer(replace(config, divergence_ratio=0), tiny_volumes(config), config.num_classes,
+                      progress=False)
+    assert resumed.resume() and resumed.step == 30  # the check may be switched off on resume

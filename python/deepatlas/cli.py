@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError, FloatingPointError) as error:
         if args.log_level == "DEBUG":
             raise
         print(f"deepatlas {args.command}: error: {error}", file=sys.stderr)

@@ -62,6 +62,7 @@ class TrainConfig(DictRecord):
     reg_per_seg: int = 20
     batch_size: int = 1                # pairs per step (global batch; split over DDP processes)
     lr: float = 1e-3
+    divergence_ratio: float = 100.0    # stop at a loss > this x the median of its last 50 (and > 10); 0 = off
     # ---- system
     device: str = "cpu"
     amp: str = "none"                  # "bf16" / "fp16" autocast (fp16 on CUDA only)
@@ -94,7 +95,7 @@ class TrainConfig(DictRecord):
         if self.num_labelled < -1:
             raise ValueError(f"config.num_labelled must be >= 0, or -1 for all, got {self.num_labelled}")
         nonnegative = ("reg_pretrain_steps", "seg_pretrain_steps", "semi_steps", "joint_rounds", "num_test",
-                       "lambda_r", "lambda_a", "lambda_sp", "lambda_fold", "ce_weight")
+                       "lambda_r", "lambda_a", "lambda_sp", "lambda_fold", "ce_weight", "divergence_ratio")
         for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)}")

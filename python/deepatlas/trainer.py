@@ -18,6 +18,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .divergence import DivergenceGuard
 from .memory import PeakMemory
 from .nets import RegistrationNet, SegmentationNet
 from .pairs import Volumes, draw_batch
@@ -29,7 +30,7 @@ log = logging.getLogger("deepatlas")
 LATEST = "checkpoint_latest.pt"
 MODEL = "model.pt"
 # Fields that may differ between a run and its resumption (they do not change what is computed).
-_RESUMABLE_CHANGES = {"device", "output", "log_every", "checkpoint_every"}
+_RESUMABLE_CHANGES = {"device", "output", "log_every", "checkpoint_every", "divergence_ratio"}
 
 
 def build_networks(config: TrainConfig, num_classes: int) -> tuple[RegistrationNet, SegmentationNet]:
@@ -73,6 +74,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.losses = StepLosses(config, num_classes, self.device)
         self.peak = PeakMemory(self.device)
+        self.divergence = DivergenceGuard(config.divergence_ratio)
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
         self.volumes = Volumes(volumes.images.to(self.device), volumes.labels.to(self.device),
@@ -200,12 +202,27 @@ class Trainer:
             else:
                 loss, parts = self.losses.supervised(self.models, batch)
                 self._optimise(self.seg_opt, loss)
-        if not math.isfinite(parts["loss"]):
-            raise FloatingPointError(f"step {self.step} ({phase.name}, {kind}): the loss is {parts['loss']}; "
-                                     f"lower config.lr or check the data")
+        self._stop_if_diverged(phase, kind, parts["loss"])
         parts["seconds"] = time.perf_counter() - start
         parts["peak_mem_mb"] = self.peak.peak_mb()
         return parts
+
+    def _stop_if_diverged(self, phase, kind: str, loss: float) -> None:
+        """FloatingPointError on a non-finite loss or a jump (deepatlas.divergence), in every DDP process when one
+        of them sees it (a process that stopped alone would leave the others waiting in their next all-reduce).
+        The latest checkpoint predates the step, so nothing diverged is saved."""
+        problem = (f"the loss is {loss}" if not math.isfinite(loss)
+                   else self.divergence.check(f"{phase.name}/{kind}", loss))
+        if self.world_size > 1:
+            flag = torch.tensor([float(problem is not None)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and problem is None:
+                problem = "another process's loss diverged"
+        if problem is not None:
+            raise FloatingPointError(
+                f"step {self.step} ({phase.name}, {kind}): {problem}; training diverged. The latest checkpoint in "
+                f"{self.output} predates it. Start again in a new output folder with a lower config.lr (e.g. a "
+                f"tenth), or check the data; config.divergence_ratio = 0 turns this check off")
 
     def _optimise(self, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         optimiser.zero_grad(set_to_none=True)
