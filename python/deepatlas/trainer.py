@@ -211,8 +211,8 @@ class Trainer:
         """FloatingPointError on a non-finite loss or a jump (deepatlas.divergence), in every DDP process when one
         of them sees it (a process that stopped alone would leave the others waiting in their next all-reduce).
         The latest checkpoint predates the step, so nothing diverged is saved."""
-        problem = (f"the loss is {loss}" if not math.isfinite(loss)
-                   else self.divergence.check(f"{phase.name}/{kind}", loss))
+        finite = math.isfinite(loss)
+        problem = self.divergence.check(f"{phase.name}/{kind}", loss) if finite else f"the loss is {loss}"
         if self.world_size > 1:
             flag = torch.tensor([float(problem is not None)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -220,9 +220,10 @@ class Trainer:
                 problem = "another process's loss diverged"
         if problem is not None:
             raise FloatingPointError(
-                f"step {self.step} ({phase.name}, {kind}): {problem}; training diverged. The latest checkpoint in "
+                f"step {self.step} ({phase.name}, {kind}): {problem}; training diverged. Any checkpoint in "
                 f"{self.output} predates it. Start again in a new output folder with a lower config.lr (e.g. a "
-                f"tenth), or check the data; config.divergence_ratio = 0 turns this check off")
+                f"tenth), or check the data" + ("; config.divergence_ratio = 0 turns off the check for jumps"
+                                                  if finite else ""))
 
     def _optimise(self, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         optimiser.zero_grad(set_to_none=True)
