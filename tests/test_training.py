@@ -419,9 +419,10 @@ def test_divergence_guard_flags_a_jump_above_both_the_ratio_and_the_floor():
     assert all(off.check("reg", value) is None for value in [0.1] * 30 + [1e9])
 
 
-def test_training_stops_at_a_diverging_loss_before_it_is_checkpointed(tmp_path):
-    """A registration loss that jumps 10^4-fold at step 33 stops the run with FloatingPointError; the latest
-    checkpoint is the one from step 30, before the jump."""
+@pytest.mark.parametrize("factor, message", [(1e4, "the loss jumped"), (float("nan"), "the loss is nan")])
+def test_training_stops_at_a_diverging_loss_before_it_is_checkpointed(tmp_path, factor, message):
+    """A registration loss that jumps 10^4-fold (or turns NaN) at step 33 stops the run with FloatingPointError;
+    the latest checkpoint is the one from step 30, before the jump."""
     config = tiny_config(tmp_path, reg_pretrain_steps=40, checkpoint_every=10)
     trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False)
     registration = trainer.losses.registration
@@ -429,12 +430,12 @@ def test_training_stops_at_a_diverging_loss_before_it_is_checkpointed(tmp_path):
     def exploding(models, batch, anatomy):
         loss, parts = registration(models, batch, anatomy)
         if trainer.step >= 33:
-            loss = loss * 1e4
+            loss = loss * factor
             parts = {**parts, "loss": loss.item()}
         return loss, parts
 
     trainer.losses.registration = exploding
-    with pytest.raises(FloatingPointError, match="step 33 \\(reg_pretrain, reg\\): the loss jumped.*diverged"):
+    with pytest.raises(FloatingPointError, match=f"step 33 \\(reg_pretrain, reg\\): {message}.*diverged"):
         trainer.fit()
     assert load_checkpoint(tmp_path / LATEST)["step"] == 30
     resumed = Trainer(replace(config, divergence_ratio=0), tiny_volumes(config), config.num_classes,
