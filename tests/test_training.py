@@ -2,12 +2,14 @@
 atomic checkpoints, DDP with 2 gloo processes equal to one process with the same global batch."""
 
 import dataclasses
+import datetime
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,6 +327,43 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     assert (tmp_path / "ddp" / LATEST).exists()
 
 
+def _ddp_diverging_worker(rank, world_size, init_file, output, message_folder):
+    """Rank 1's registration loss jumps 10^4-fold at step 33; every rank writes the error it stopped with."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        config = tiny_config(output, batch_size=2, seg_norm="instance", reg_pretrain_steps=40, checkpoint_every=10)
+        trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False)
+        _explode_registration_loss(trainer, from_step=33, factor=1e4 if rank == 1 else 1.0)
+        try:
+            trainer.fit()
+            message = "finished without an error"
+        except FloatingPointError as error:
+            message = str(error)
+        (Path(message_folder) / f"rank{rank}.txt").write_text(message)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_one_diverging_process_stops_every_process(tmp_path):
+    """When only rank 1's loss jumps, both ranks stop at the same step (no rank left waiting in an all-reduce,
+    which the 60 s gloo timeout would turn into a different error) and the latest checkpoint predates the jump."""
+    spawned = torch.multiprocessing.spawn(
+        _ddp_diverging_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), str(tmp_path)),
+        nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not spawned.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in spawned.processes:
+                process.kill()
+            pytest.fail("the DDP processes did not stop within 300 s")
+    messages = {rank: (tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)}
+    assert "step 33 (reg_pretrain, reg): the loss jumped" in messages[1], messages[1]
+    assert "step 33 (reg_pretrain, reg): another process's loss diverged" in messages[0], messages[0]
+    assert load_checkpoint(tmp_path / "ddp" / LATEST)["step"] == 30
+
+
 def test_sequential_segmentation_step_equals_the_joint_one(tmp_path):
     """With instance norm (no batch statistics), F_S on one image at a time gives the same gradients."""
     config = tiny_config(tmp_path, seg_norm="instance", batch_size=3)
@@ -425,19 +464,24 @@ def test_training_stops_at_a_diverging_loss_before_it_is_checkpointed(tmp_path, 
     the latest checkpoint is the one from step 30, before the jump."""
     config = tiny_config(tmp_path, reg_pretrain_steps=40, checkpoint_every=10)
     trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False)
-    registration = trainer.losses.registration
-
-    def exploding(models, batch, anatomy):
-        loss, parts = registration(models, batch, anatomy)
-        if trainer.step >= 33:
-            loss = loss * factor
-            parts = {**parts, "loss": loss.item()}
-        return loss, parts
-
-    trainer.losses.registration = exploding
+    _explode_registration_loss(trainer, from_step=33, factor=factor)
     with pytest.raises(FloatingPointError, match=f"step 33 \\(reg_pretrain, reg\\): {message}.*diverged"):
         trainer.fit()
     assert load_checkpoint(tmp_path / LATEST)["step"] == 30
     resumed = Trainer(replace(config, divergence_ratio=0), tiny_volumes(config), config.num_classes,
                       progress=False)
     assert resumed.resume() and resumed.step == 30  # the check may be switched off on resume
+
+
+def _explode_registration_loss(trainer, from_step, factor):
+    """Multiply the trainer's registration loss by ``factor`` from step ``from_step`` on."""
+    registration = trainer.losses.registration
+
+    def exploding(models, batch, anatomy):
+        loss, parts = registration(models, batch, anatomy)
+        if trainer.step >= from_step and factor != 1.0:
+            loss = loss * factor
+            parts = {**parts, "loss": loss.item()}
+        return loss, parts
+
+    trainer.losses.registration = exploding
