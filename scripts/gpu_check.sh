@@ -12,7 +12,8 @@
 #
 # The build is cached in .gpu-check/jit (ignored by git), so stages can run in separate calls on the same machine:
 # e.g. `scripts/gpu_check.sh build test`, then `scripts/gpu_check.sh sanitize`, then `scripts/gpu_check.sh bench`.
-# Exit status: 0 when every stage passed, 1 when one failed, 2 when no CUDA GPU is visible.
+# Exit status: 0 when every stage passed, 1 when one failed (a stage's rc 3 in summary.txt: its tool is missing),
+# 2 when no CUDA GPU is visible, 3 when nvcc, ninja or pytest is missing or nvcc's CUDA major version is not torch's.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,6 +25,33 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   echo "gpu_check: $PY sees no CUDA GPU (torch.cuda.is_available() is False); nothing to check here" >&2
   exit 2
 fi
+
+# Tools from the Python's own environment (ninja, pytest) even when its venv is not activated.
+PY_BIN="$(dirname "$(command -v "$PY")")"
+export PATH="$PY_BIN:$PATH"
+
+# What the stages need, checked up front so that a missing tool is named here rather than deep in a build log.
+# Exit status 3 when one is missing.
+preflight() {
+  local missing=()
+  command -v nvcc >/dev/null || missing+=("nvcc (the CUDA toolkit's compiler; put its bin/ on PATH or set CUDA_HOME)")
+  command -v ninja >/dev/null || missing+=("ninja (torch.utils.cpp_extension builds with it: pip install ninja)")
+  "$PY" -c "import pytest" 2>/dev/null || missing+=("pytest (pip install pytest)")
+  if [ ${#missing[@]} -gt 0 ]; then
+    printf 'gpu_check: missing: %s\n' "${missing[@]}" >&2
+    exit 3
+  fi
+  local nvcc_version torch_cuda
+  nvcc_version="$(nvcc --version | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p')"
+  torch_cuda="$("$PY" -c "import torch; print(torch.version.cuda)")"
+  echo "gpu_check: nvcc $nvcc_version ($(command -v nvcc)), torch $("$PY" -c "import torch; print(torch.__version__)") built with CUDA $torch_cuda"
+  if [ "${nvcc_version%%.*}" != "${torch_cuda%%.*}" ]; then
+    echo "gpu_check: nvcc's CUDA major version ($nvcc_version) differs from torch's ($torch_cuda); torch refuses to" \
+      "build extensions with a different major version: put a CUDA $torch_cuda toolkit first on PATH" >&2
+    exit 3
+  fi
+}
+preflight
 
 export DEEPATLAS_FORCE_JIT=1 DEEPATLAS_CUDA=1 DEEPATLAS_CACHE_DIR="$ROOT/.gpu-check/jit"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c \
@@ -51,12 +79,20 @@ stage_test() { "${PYTEST[@]}"; }
 stage_sanitize() {
   # memcheck: out-of-bounds and misaligned device accesses; initcheck: reads of device memory never written (every
   # output element must be written). The same cuda-marked tests as stage_test.
-  local tool status=0
-  local SANITIZER
-  SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+  # Without torch's caching allocator every tensor is its own allocation, so memcheck sees an access past a tensor's
+  # end and initcheck sees a read of memory that an earlier tensor (not this op) wrote.
+  local tool status=0 sanitizer candidate
+  for candidate in "$(command -v compute-sanitizer)" "$(dirname "$(readlink -f "$(command -v nvcc)")")/compute-sanitizer" \
+                   "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ]; then sanitizer="$candidate"; break; fi
+  done
+  if [ -z "${sanitizer:-}" ]; then
+    echo "compute-sanitizer not found (not on PATH, not beside nvcc, not in \$CUDA_HOME/bin): stage not run"
+    return 3
+  fi
   for tool in memcheck initcheck; do
-    echo "== compute-sanitizer --tool $tool"
-    "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+    echo "== $sanitizer --tool $tool"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
       "${PYTEST[@]}" -x || status=1
   done
   return $status

@@ -171,3 +171,20 @@ def test_gpu_check_script_says_no_gpu_and_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "sees no CUDA GPU" in done.stderr
+
+
+@pytest.mark.skipif(any(Path(d, "nvcc").exists() for d in ("/usr/bin", "/bin")), reason="needs nvcc off /usr/bin:/bin")
+def test_gpu_check_script_names_a_missing_tool_and_exits_3(tmp_path):
+    """On a GPU machine (faked: torch.cuda.is_available patched to True) without nvcc on PATH, the script stops
+    before any stage and names the missing compiler."""
+    import subprocess
+    import sys
+    (tmp_path / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("CUDA_HOME", None)
+    done = subprocess.run(["bash", str(script), "build"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "missing: nvcc" in done.stderr
+    assert not (tmp_path / "out" / "summary.txt").exists()  # no stage ran

@@ -89,13 +89,19 @@ def test_forced_64_bit_indexing_cuda(monkeypatch):
 
 
 def test_runs_on_the_current_stream():
+    """The kernel runs on the current (side) stream: it finishes while the default stream is still busy."""
     image = torch.randn(1, 1, 32, 32, 32, device="cuda")
     ddf = random_ddf(1, 32, 32, 32, device="cuda")
+    expected = da.warp(image, ddf)
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
+    torch.cuda._sleep(2_000_000_000)  # keeps the default stream busy for about a second
     with torch.cuda.stream(stream):
         out = da.warp(image, ddf)
     stream.synchronize()
-    torch.testing.assert_close(out, da.warp(image, ddf))
+    assert not torch.cuda.default_stream().query(), "the warp waited for the default stream"
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_opcheck_cuda():
@@ -110,7 +116,7 @@ def test_opcheck_cuda():
 def test_deterministic_input_gradient_cuda(op):
     """Under torch.use_deterministic_algorithms(True) the input gradient takes the pair path (no atomics): two runs
     are bit-identical, and both match the CPU."""
-    image = torch.randn(1, 2, 24, 20, 16)
+    image = torch.randn(1 if op == "warp" else 2, 2, 24, 20, 16)  # warp: an image broadcast over the batch
     coords = random_ddf(2, 24, 20, 16, scale=3.0) if op == "warp" else random_grid(2, 24, 20, 16)
     fn = (lambda i, u: da.warp(i, u, "bilinear", "zeros")) if op == "warp" else da.grid_sample  # noqa: E731
     _, grads_cpu, grad_out = _forward_backward(fn, [image, coords])
