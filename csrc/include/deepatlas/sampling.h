@@ -99,6 +99,14 @@ DA_HD acc_t pad_coord(acc_t in, int64_t size, Padding padding, bool align_corner
   return safe ? out : static_cast<acc_t>(kOutsideCoord);
 }
 
+// The unsigned type of an index type, for range checks in one compare.
+template <typename I>
+struct UnsignedOf;
+template <>
+struct UnsignedOf<int32_t> { using type = uint32_t; };
+template <>
+struct UnsignedOf<int64_t> { using type = uint64_t; };
+
 template <typename I>
 DA_HD bool in_range(I i, I size) {
   return i >= 0 && i < size;
@@ -110,6 +118,7 @@ DA_HD bool in_range(I i, I size) {
 // volume are flagged and given offset 0, so no caller ever forms an out-of-bounds address.
 template <typename acc_t, typename I>
 struct Trilinear {
+  using U = typename UnsignedOf<I>::type;
   acc_t w0[3];
   acc_t w1[3];
   I offset[8];    // spatial offset of each corner: z * stride_z + y * stride_y + x * stride_x
@@ -118,16 +127,16 @@ struct Trilinear {
 
   DA_HD Trilinear(const acc_t c[3], const I size[3], const I stride[3]) {
     I lo[3];
-    bool valid[3][2];
+    all_inside = true;
     for (int k = 0; k < 3; ++k) {
       const acc_t f = da_floor_bounded(c[k]);  // |c| <= 2^30 after pad_coord
       lo[k] = static_cast<I>(f);
       w0[k] = (f + 1) - c[k];
       w1[k] = c[k] - f;
-      valid[k][0] = in_range<I>(lo[k], size[k]);
-      valid[k][1] = in_range<I>(lo[k] + 1, size[k]);
+      // lo and lo + 1 both in [0, size), as one unsigned compare: a negative lo wraps to a huge value. Needs
+      // size >= 1, which every op's glue checks (non-empty spatial dimensions).
+      all_inside = all_inside & (static_cast<U>(lo[k]) < static_cast<U>(size[k] - 1));
     }
-    all_inside = valid[0][0] && valid[0][1] && valid[1][0] && valid[1][1] && valid[2][0] && valid[2][1];
     if (all_inside) {  // the common case: corner offsets are the lower corner's plus fixed steps
       const I base = lo[0] * stride[0] + lo[1] * stride[1] + lo[2] * stride[2];
       for (int corner = 0; corner < 8; ++corner) {
@@ -137,8 +146,11 @@ struct Trilinear {
       return;
     }
     // Offsets only for neighbours inside the volume: lo may lie far outside, where lo * stride overflows I.
+    bool valid[3][2];
     I axis_offset[3][2];
     for (int k = 0; k < 3; ++k) {
+      valid[k][0] = in_range<I>(lo[k], size[k]);
+      valid[k][1] = in_range<I>(lo[k] + 1, size[k]);
       axis_offset[k][0] = valid[k][0] ? lo[k] * stride[k] : I(0);
       axis_offset[k][1] = valid[k][1] ? (lo[k] + 1) * stride[k] : I(0);
     }
@@ -185,7 +197,8 @@ struct Nearest {
     inside = true;
     for (int k = 0; k < 3; ++k) {
       i[k] = static_cast<I>(da_nearbyint(c[k]));
-      inside = inside && in_range<I>(i[k], size[k]);
+      inside = inside & (static_cast<typename UnsignedOf<I>::type>(i[k]) <
+                         static_cast<typename UnsignedOf<I>::type>(size[k]));  // in [0, size) in one compare
     }
     offset = inside ? i[0] * stride[0] + i[1] * stride[1] + i[2] * stride[2] : I(0);
   }
