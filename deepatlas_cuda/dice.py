@@ -33,6 +33,8 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
 
     Differentiable with respect to ``ddf``, a probability ``source`` and a probability ``target``. The sums are
     accumulated in float64; on the CPU the result and every gradient are bit-identical for any number of threads.
+    On CUDA the fused op accumulates with atomics; under ``torch.use_deterministic_algorithms(True)`` it is replaced
+    by warp-then-sum with this package's deterministic ops (same values, but the warped K-channel volume exists).
     """
     if not isinstance(source, Tensor) or not isinstance(ddf, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"{_OP}: source, ddf and target must be torch.Tensors, got {type(source).__name__}, "
@@ -66,10 +68,39 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
                          f"dtype {ddf.dtype}, got {tuple(target.shape)} {target.dtype}")
     if target.device != ddf.device:
         raise ValueError(f"{_OP}: target must be on {ddf.device}, got {target.device}")
-    sums = torch.ops.deepatlas.warped_dice_sums(source, ddf, target, num_classes)  # [N, 3, K] float64
+    if _FORCE_UNFUSED or (ddf.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        sums = _unfused_sums(source, ddf, target, num_classes, probability_source, target_is_labels)
+    else:
+        sums = torch.ops.deepatlas.warped_dice_sums(source, ddf, target, num_classes)  # [N, 3, K] float64
     intersection, source_sum, target_sum = sums.unbind(1)
     dice = ((2 * intersection + eps) / (source_sum + target_sum + eps)).to(ddf.dtype)
     return dice if include_background else dice[:, 1:]
+
+
+# Tests set this to run the unfused path on the CPU, where it is otherwise never taken.
+_FORCE_UNFUSED = False
+
+
+def _unfused_sums(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int, probability_source: bool,
+                  target_is_labels: bool) -> Tensor:
+    """The sums ``[N, 3, K]`` (float64) by warp-then-sum with this package's own deterministic ops, for CUDA under
+    ``torch.use_deterministic_algorithms(True)``, where the fused op's atomic accumulation is refused. Costs what the
+    fusion saves: the warped K-channel volume (and a label target's one-hot) exist, with their gradients."""
+    from .labels import warp_labels
+    from .ops import warp
+    if probability_source:
+        warped = warp(source, ddf, "bilinear", "zeros")  # [N, K, D, H, W]; image gradient by pairs, no atomics
+    else:
+        warped = warp_labels(source, ddf, mode="soft", num_classes=num_classes)
+    if target_is_labels:
+        low, high = (int(v) for v in torch.aminmax(target))
+        if low < 0 or high >= num_classes:
+            raise RuntimeError(f"deepatlas.warped_dice: target: label values must be in [0, num_classes) = "
+                               f"[0, {num_classes}), found values in [{low}, {high}]")
+        target = torch.nn.functional.one_hot(target[:, 0].long(), num_classes).movedim(-1, 1).to(warped.dtype)
+    dims = (2, 3, 4)
+    return torch.stack([(warped * target).sum(dims, dtype=torch.float64), warped.sum(dims, dtype=torch.float64),
+                        target.sum(dims, dtype=torch.float64)], dim=1)
 
 
 def _check_probability_source(source: Tensor, ddf: Tensor) -> None:

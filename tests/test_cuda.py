@@ -131,14 +131,30 @@ def test_deterministic_input_gradient_cuda(op):
     torch.testing.assert_close(runs[0][1].cpu(), grads_cpu[1], rtol=1e-5, atol=1e-5)
 
 
-def test_warped_dice_alerts_under_deterministic_algorithms():
-    """warped_dice accumulates its sums with atomics on CUDA: torch's deterministic mode must refuse it."""
-    labels = torch.randint(0, 3, (1, 1, 6, 7, 8), device="cuda")
-    ddf = random_ddf(1, 6, 7, 8).cuda()
+@pytest.mark.parametrize("source_kind", ["labels", "probabilities"])
+def test_warped_dice_is_deterministic_under_deterministic_algorithms(source_kind):
+    """Under torch.use_deterministic_algorithms(True), warped_dice takes the unfused path (no atomics): no error, two
+    runs bit-identical in value and gradients, equal to the CPU."""
+    generator = torch.Generator().manual_seed(2)
+    shape, k = (10, 9, 8), 5
+    ddf = random_ddf(2, *shape, scale=2.0)
+    target = torch.rand(2, k, *shape, generator=generator).softmax(1)
+    source = (torch.randint(0, k, (1, 1, *shape), generator=generator) if source_kind == "labels"
+              else torch.rand(1, k, *shape, generator=generator))
+
+    def run(device):
+        inputs = [t.to(device) for t in (source, ddf, target)]
+        inputs = [t.requires_grad_() if t.is_floating_point() else t for t in inputs]
+        dice = da.warped_dice(*inputs, num_classes=k)
+        return (dice, *torch.autograd.grad(dice.sum(), [t for t in inputs if t.requires_grad]))
+
+    cpu = run("cpu")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        with pytest.raises(RuntimeError, match="warped_dice_sums"):
-            da.warped_dice(labels, ddf, labels, num_classes=3)
+        runs = [run("cuda") for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(previous)
+    for a, b, c in zip(*runs, cpu):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-5, atol=1e-5)

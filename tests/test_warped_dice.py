@@ -5,6 +5,7 @@ import torch
 from helpers import random_ddf
 
 import deepatlas_cuda as da
+import deepatlas_cuda.dice
 from deepatlas_cuda import reference
 
 
@@ -349,3 +350,55 @@ def test_cuda_probability_source_matches_cpu(target_kind):
     cuda = dice_and_grads(da.warped_dice, source.cuda(), ddf.cuda(), target.cuda(), grad_out.cuda())
     for a, b in zip(cpu, cuda):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+
+
+# --- Unfused path (CUDA under torch.use_deterministic_algorithms(True)), forced on the CPU ---------------------------
+
+
+def dice_inputs(source_kind, n_source, target_kind, dtype, generator, shape=(6, 7, 5), k=4):
+    source, ddf, target = probability_inputs(n_source, 2, shape, k, dtype, target_kind, generator)
+    if source_kind == "labels":
+        source = torch.randint(0, k, (n_source, 1, *shape), generator=generator, dtype=torch.int32)
+        if target_kind == "labels":
+            target = target.to(torch.int32)  # a label source needs a label target of its dtype
+    return source, ddf, target
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("source_kind", ["labels", "probabilities"])
+@pytest.mark.parametrize("n_source", [2, 1], ids=["batched", "broadcast"])
+@pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
+def test_unfused_path_equals_the_fused_op(monkeypatch, dtype, source_kind, n_source, target_kind):
+    generator = torch.Generator().manual_seed(21)
+    source, ddf, target = dice_inputs(source_kind, n_source, target_kind, dtype, generator)
+    grad_out = torch.randn(2, 4, generator=generator, dtype=torch.float64).to(dtype)
+
+    def run(source, ddf, target):
+        return da.warped_dice(source, ddf, target, num_classes=4)
+
+    def grads(source, ddf, target):
+        inputs = [t.detach().requires_grad_() if t.is_floating_point() else t for t in (source, ddf, target)]
+        dice = run(*inputs)
+        return (dice, *torch.autograd.grad(dice, [t for t in inputs if t.requires_grad], grad_out))
+
+    fused = grads(source, ddf, target)
+    monkeypatch.setattr(deepatlas_cuda.dice, "_FORCE_UNFUSED", True)
+    calls = []
+    unfused_sums = deepatlas_cuda.dice._unfused_sums
+    monkeypatch.setattr(deepatlas_cuda.dice, "_unfused_sums", lambda *a: calls.append(1) or unfused_sums(*a))
+    unfused = grads(source, ddf, target)
+    assert calls, "the unfused path was not taken"
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    assert len(fused) == len(unfused) == 2 + (source_kind == "probabilities") + (target_kind == "probabilities")
+    for a, b in zip(fused, unfused):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(b, a, **tolerance)
+
+
+def test_unfused_path_rejects_out_of_range_target_labels(monkeypatch):
+    monkeypatch.setattr(deepatlas_cuda.dice, "_FORCE_UNFUSED", True)
+    target = labels(1, (4, 4, 4), 3)
+    target[0, 0, 1, 2, 3] = -2
+    with pytest.raises(RuntimeError, match=r"label values must be in \[0, num_classes\) = \[0, 3\), found values in "
+                                           r"\[-2, 2\]"):
+        da.warped_dice(torch.rand(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4), target)
