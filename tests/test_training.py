@@ -111,12 +111,23 @@ def _fixed_batch_losses(trainer, batches):
     return out
 
 
-def test_tiny_training_decreases_every_loss(tmp_path):
+AMP_CASES = [pytest.param("cpu", "none", id="cpu"), pytest.param("cpu", "bf16", id="cpu-bf16"),
+             pytest.param("cuda", "fp16", id="cuda-fp16", marks=pytest.mark.cuda),
+             pytest.param("cuda", "bf16", id="cuda-bf16", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device, amp", AMP_CASES)
+def test_tiny_training_decreases_every_loss(tmp_path, device, amp):
+    """Every loss decreases on fixed batches, in float32 and under autocast (bf16; fp16 with a gradient scaler on
+    CUDA), where the networks run in reduced precision and the ops and losses in float32."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     config = tiny_config(tmp_path, num_train=3, flip=False, lr=3e-3, reg_pretrain_steps=20,
-                         seg_pretrain_steps=20, semi_steps=8, joint_rounds=3, reg_per_seg=4)
+                         seg_pretrain_steps=20, semi_steps=8, joint_rounds=3, reg_per_seg=4, device=device, amp=amp)
     volumes = tiny_volumes(config, labelled=1)
     trainer = Trainer(config, volumes, config.num_classes, progress=False)
-    batches = {kind: draw_batch(volumes, kind, 123, 0, 2, False, 0) for kind in (REG, SEG_JOINT, SEG_SUPERVISED)}
+    batches = {kind: draw_batch(trainer.volumes, kind, 123, 0, 2, False, 0)
+               for kind in (REG, SEG_JOINT, SEG_SUPERVISED)}
     before = _fixed_batch_losses(trainer, batches)
     trainer.fit()
     after = _fixed_batch_losses(trainer, batches)
@@ -127,6 +138,10 @@ def test_tiny_training_decreases_every_loss(tmp_path):
     rows = json.loads((tmp_path / "metrics.json").read_text())
     assert {row["phase"] for row in rows} == {"reg_pretrain", "seg_pretrain", "semi_da", "da"}
     assert all(row["peak_mem_mb"] > 0 and row["seconds"] > 0 for row in rows)
+    with trainer.losses.autocast():
+        ddf = trainer.reg_module(batches[REG].moving, batches[REG].fixed)
+    assert ddf.dtype == {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
 
 
 def test_registration_net_starts_at_identity(tmp_path):
