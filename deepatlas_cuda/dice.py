@@ -93,7 +93,7 @@ def _unfused_sums(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int,
     else:
         warped = warp_labels(source, ddf, mode="soft", num_classes=num_classes)
     if target_is_labels:
-        low, high = (int(v) for v in torch.aminmax(target))
+        low, high = (int(v) for v in torch.aminmax(target)) if target.numel() else (0, 0)
         if low < 0 or high >= num_classes:
             raise RuntimeError(f"deepatlas.warped_dice: target: label values must be in [0, num_classes) = "
                                f"[0, {num_classes}), found values in [{low}, {high}]")
