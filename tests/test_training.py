@@ -350,7 +350,8 @@ def _ddp_diverging_worker(rank, world_size, init_file, output, message_folder):
     try:
         config = tiny_config(output, batch_size=2, seg_norm="instance", reg_pretrain_steps=40, checkpoint_every=10)
         trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False)
-        _explode_registration_loss(trainer, from_step=33, factor=1e4 if rank == 1 else 1.0)
+        if rank == 1:
+            _explode_registration_loss(trainer, from_step=33, factor=1e4)
         try:
             trainer.fit()
             message = "finished without an error"
@@ -494,7 +495,7 @@ def _explode_registration_loss(trainer, from_step, factor):
 
     def exploding(models, batch, anatomy):
         loss, parts = registration(models, batch, anatomy)
-        if trainer.step >= from_step and factor != 1.0:
+        if trainer.step >= from_step:
             loss = loss * factor
             parts = {**parts, "loss": loss.item()}
         return loss, parts

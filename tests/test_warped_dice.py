@@ -190,13 +190,10 @@ def probability_inputs(n_source, n, shape, k, dtype, target_kind, generator):
 
 
 def dice_and_grads(fn, source, ddf, target, grad_out):
-    source, ddf = source.detach().requires_grad_(), ddf.detach().requires_grad_()
-    inputs = [source, ddf]
-    if target.is_floating_point():
-        target = target.detach().requires_grad_()
-        inputs.append(target)
+    """fn's Dice and its gradients for every floating-point input (a label source or target gets none)."""
+    source, ddf, target = (t.detach().requires_grad_() if t.is_floating_point() else t for t in (source, ddf, target))
     dice = fn(source, ddf, target)
-    return (dice, *torch.autograd.grad(dice, inputs, grad_out))
+    return (dice, *torch.autograd.grad(dice, [t for t in (source, ddf, target) if t.requires_grad], grad_out))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -376,17 +373,12 @@ def test_unfused_path_equals_the_fused_op(monkeypatch, dtype, source_kind, n_sou
     def run(source, ddf, target):
         return da.warped_dice(source, ddf, target, num_classes=4)
 
-    def grads(source, ddf, target):
-        inputs = [t.detach().requires_grad_() if t.is_floating_point() else t for t in (source, ddf, target)]
-        dice = run(*inputs)
-        return (dice, *torch.autograd.grad(dice, [t for t in inputs if t.requires_grad], grad_out))
-
-    fused = grads(source, ddf, target)
+    fused = dice_and_grads(run, source, ddf, target, grad_out)
     monkeypatch.setattr(deepatlas_cuda.dice, "_FORCE_UNFUSED", True)
     calls = []
     unfused_sums = deepatlas_cuda.dice._unfused_sums
     monkeypatch.setattr(deepatlas_cuda.dice, "_unfused_sums", lambda *a: calls.append(1) or unfused_sums(*a))
-    unfused = grads(source, ddf, target)
+    unfused = dice_and_grads(run, source, ddf, target, grad_out)
     assert calls, "the unfused path was not taken"
     tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     assert len(fused) == len(unfused) == 2 + (source_kind == "probabilities") + (target_kind == "probabilities")
