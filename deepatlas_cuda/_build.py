@@ -201,7 +201,9 @@ def build_params(csrc: Path | None = None) -> BuildParams:
     else:
         opt = ["-O3", "-DNDEBUG"]
     sanitizer = list(SANITIZE_FLAGS) if sanitize else []
-    cxx = ["-fopenmp", *opt, *sanitizer]
+    # -fno-trapping-math: nothing here reads floating-point exception flags, and without it g++ turns the selects of
+    # the sampler's coordinate code back into branches and does not vectorise the CPU row loops (cpu/sample_rows.h).
+    cxx = ["-fopenmp", "-fno-trapping-math", *opt, *sanitizer]
     nvcc = ["-G", "-g"] if debug else ["-O3", "-DNDEBUG", "-lineinfo"]
     return BuildParams(
         csrc=csrc,

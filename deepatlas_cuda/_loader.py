@@ -47,10 +47,11 @@ def _load_prebuilt() -> LoadState | None:
                       f"{torch.__version__} is installed; rebuilding just in time", stacklevel=3)
         return None
     csrc = PACKAGE_DIR.parent / "csrc"  # present in a source checkout / editable install
-    if csrc.is_dir() and "sources_hash" in config and config["sources_hash"] != _build.sources_hash(csrc):
-        warnings.warn(f"deepatlas_cuda: the sources in {csrc} changed since the prebuilt library was built; "
-                      "rebuilding just in time (`pip install --no-build-isolation -e .` updates the prebuilt one)",
-                      stacklevel=3)
+    # A config without sources_hash comes from a build older than that check: its sources are unknown, so stale.
+    if csrc.is_dir() and config.get("sources_hash") != _build.sources_hash(csrc):
+        warnings.warn(f"deepatlas_cuda: the sources in {csrc} changed since the prebuilt library was built (or it "
+                      "does not record them); rebuilding just in time (`pip install --no-build-isolation -e .` "
+                      "updates the prebuilt one)", stacklevel=3)
         return None
     torch.ops.load_library(str(cpu_lib))
     libraries = [str(cpu_lib)]

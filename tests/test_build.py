@@ -142,6 +142,13 @@ def test_prebuilt_library_from_edited_sources_is_not_loaded(tmp_path, monkeypatc
     with pytest.warns(UserWarning, match="sources in .*csrc changed since the prebuilt library was built"):
         assert _loader._load_prebuilt() is None
     assert len(loaded) == 1
+    # A library built before builds recorded their sources (as a checkout from before that change has).
+    config = _build.build_params(csrc).config()
+    del config["sources_hash"]
+    (package / "_build_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="or it does not record them"):
+        assert _loader._load_prebuilt() is None
+    assert len(loaded) == 1
 
 
 def test_build_lock_removes_a_stale_torch_lock(tmp_path):

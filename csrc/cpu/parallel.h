@@ -37,4 +37,18 @@ inline void parallel_over_points(const SampleArgs& a, const F& fn) {
   });
 }
 
+// fn(first point of the row, row length) for every row (n, z, y) of output points, in parallel over rows: for loops
+// that process a row in chunks (cpu/sample_rows.h).
+template <typename I, typename F>
+inline void parallel_over_rows(const SampleArgs& a, const F& fn) {
+  const I d = static_cast<I>(a.out_size[0]), h = static_cast<I>(a.out_size[1]), w = static_cast<I>(a.out_size[2]);
+  const int64_t rows = a.batch * a.out_size[0] * a.out_size[1];
+  const int64_t row_grain = std::max<int64_t>(1, kPointGrain / std::max<int64_t>(1, w));
+  at::parallel_for(0, rows, row_grain, [&](int64_t begin, int64_t end) DA_FLATTEN {
+    for (int64_t row = begin; row < end; ++row) {
+      fn(Point<I>{static_cast<I>(row / (int64_t(d) * h)), static_cast<I>((row / h) % d), static_cast<I>(row % h), 0}, w);
+    }
+  });
+}
+
 }  // namespace deepatlas

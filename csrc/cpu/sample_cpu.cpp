@@ -6,10 +6,12 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <utility>
 #include <vector>
 
 #include "cpu/parallel.h"
+#include "cpu/sample_rows.h"
 #include "deepatlas/sample_dispatch.h"
 #include "sample_glue.h"
 
@@ -26,13 +28,27 @@ struct OwnedAdd {
   }
 };
 
+// DEEPATLAS_CPU_PER_POINT=1: trilinear sampling by the per-point functions that CUDA runs instead of the row loops
+// of cpu/sample_rows.h, so that the tests can check the two are bit-identical.
+bool per_point_loops() {
+  const char* v = std::getenv("DEEPATLAS_CPU_PER_POINT");
+  return v != nullptr && v[0] == '1';
+}
+
 template <typename T, typename I>
 void forward_typed(const SampleArgs& a) {
   using acc_t = typename AccType<T>::type;
   const auto input = make_volume<const T, I>(a.input);  // [N_in, C, D, H, W]
   const auto out = make_volume<T, I>(a.output);          // [N, C, D', H', W']
+  const bool rows = a.interp == Interp::Bilinear && !per_point_loops();
   dispatch_modes(a.interp, a.padding, [&](auto interp, auto padding) {
     dispatch_coords<T, I>(a, [&](const auto& coords) {
+      if (rows) {
+        parallel_over_rows<I>(a, [&](const Point<I>& q, I width) {
+          sample_forward_row<acc_t>(coords, input, out, q, width, padding);
+        });
+        return;
+      }
       parallel_over_points<I>(a, [&](const Point<I>& q) {
         sample_forward_point<acc_t>(coords, input, out, q, interp(), padding());
       });
@@ -71,10 +87,10 @@ std::vector<std::pair<int32_t, int32_t>> touched_input_planes(const SampleArgs& 
 // Every input voxel therefore receives its contributions in increasing output-point order, whatever the number
 // of tasks or threads: the result is bit-identical for any thread count. With few input planes (N = C = 1) the
 // z-blocks spread the work over the threads; a smooth displacement sends each output plane to one or two blocks.
-template <typename T, typename I, typename Coords>
+template <typename T, typename I, typename Coords, typename InterpC, typename PadC>
 void scatter_input_grad(const SampleArgs& a, const Coords& coords, const Volume<const T, I>& grad_out,
                         const Volume<T, I>& grad_input,  // [N_in, C, D, H, W], zero-initialised, contiguous
-                        Interp interp, Padding padding) {
+                        InterpC interp, PadC padding) {
   using acc_t = typename AccType<T>::type;
   const SpatialGeometry<T, I> geo(grad_input);
   const int64_t in_batch = grad_input.size[0];
@@ -84,6 +100,7 @@ void scatter_input_grad(const SampleArgs& a, const Coords& coords, const Volume<
   const int64_t blocks = std::clamp<int64_t>((at::get_num_threads() + planes - 1) / planes, 1, depth);
   std::vector<std::pair<int32_t, int32_t>> touched;
   if (blocks > 1) touched = touched_input_planes<T, I>(a, coords, geo.size, padding);
+  const bool rows = interp == Interp::Bilinear && !per_point_loops();
   at::parallel_for(0, planes * blocks, 1, [&](int64_t begin, int64_t end) DA_FLATTEN {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / blocks;
@@ -109,6 +126,12 @@ void scatter_input_grad(const SampleArgs& a, const Coords& coords, const Volume<
             if (r.second < z_begin || r.first >= z_end) continue;
           }
           for (q.y = 0; q.y < a.out_size[1]; ++q.y) {
+            if (rows) {
+              q.x = 0;
+              sample_backward_input_row<acc_t>(coords, grad_out, target, q, static_cast<I>(a.out_size[2]), ch,
+                                               padding, add);
+              continue;
+            }
             for (q.x = 0; q.x < a.out_size[2]; ++q.x) {
               sample_backward_input_point<acc_t>(coords, grad_out, target, q, ch, I(ch + 1), interp, padding, add);
             }
@@ -128,12 +151,18 @@ void backward_typed(const SampleArgs& a) {
     dispatch_coords<T, I>(a, [&](const auto& coords) {
       if (a.grad_coords.data != nullptr) {
         const auto grad_coords = make_volume<T, I>(a.grad_coords);  // coords' shape
-        parallel_over_points<I>(a, [&](const Point<I>& q) {
-          sample_backward_coords_point<acc_t>(coords, input, grad_out, grad_coords, q, interp(), padding());
-        });
+        if (a.interp == Interp::Bilinear && !per_point_loops()) {
+          parallel_over_rows<I>(a, [&](const Point<I>& q, I width) {
+            sample_backward_coords_row<acc_t>(coords, input, grad_out, grad_coords, q, width, padding);
+          });
+        } else {
+          parallel_over_points<I>(a, [&](const Point<I>& q) {
+            sample_backward_coords_point<acc_t>(coords, input, grad_out, grad_coords, q, interp(), padding());
+          });
+        }
       }
       if (a.grad_input.data != nullptr) {
-        scatter_input_grad<T, I>(a, coords, grad_out, make_volume<T, I>(a.grad_input), interp(), padding());
+        scatter_input_grad<T, I>(a, coords, grad_out, make_volume<T, I>(a.grad_input), interp, padding);
       }
     });
   });

@@ -35,7 +35,7 @@ DA_HD acc_t da_floor_bounded(acc_t v) {
   return da_floor(v);
 #else
   const acc_t t = static_cast<acc_t>(static_cast<int32_t>(v));
-  return t > v ? t - 1 : t;
+  return t - static_cast<acc_t>(t > v);  // minus 0 or 1, no select: a loop over points vectorises it
 #endif
 }
 DA_HD float da_fabs(float v) { return fabsf(v); }

@@ -112,6 +112,24 @@ DA_HD bool in_range(I i, I size) {
   return i >= 0 && i < size;
 }
 
+// Weight of corner k = 4 dz + 2 dy + dx from the 1-D weights (lower w0, upper w1 per axis), in torch's order.
+template <typename acc_t>
+DA_HD acc_t trilinear_weight(const acc_t w0[3], const acc_t w1[3], int corner) {
+  return ((corner & 1) ? w1[2] : w0[2]) * (((corner >> 1) & 1) ? w1[1] : w0[1]) * ((corner >> 2) ? w1[0] : w0[0]);
+}
+
+// Gradient of sum_k weight(k) * v[k] with respect to c = (z, y, x), factorised per axis: the differences of v along
+// that axis, weighted by the other two axes' weights.
+template <typename acc_t>
+DA_HD void trilinear_gradient(const acc_t w0[3], const acc_t w1[3], const acc_t v[8], acc_t g[3]) {
+  g[2] = w0[0] * (w0[1] * (v[1] - v[0]) + w1[1] * (v[3] - v[2])) +
+         w1[0] * (w0[1] * (v[5] - v[4]) + w1[1] * (v[7] - v[6]));
+  g[1] = w0[0] * (w0[2] * (v[2] - v[0]) + w1[2] * (v[3] - v[1])) +
+         w1[0] * (w0[2] * (v[6] - v[4]) + w1[2] * (v[7] - v[5]));
+  g[0] = w0[1] * (w0[2] * (v[4] - v[0]) + w1[2] * (v[5] - v[1])) +
+         w1[1] * (w0[2] * (v[6] - v[2]) + w1[2] * (v[7] - v[3]));
+}
+
 // The 2x2x2 neighbourhood of a location c = (z, y, x) for trilinear interpolation. Corner k = 4 dz + 2 dy + dx
 // (dz, dy, dx in {0, 1}) sits at lo + (dz, dy, dx); its weight is the product of the 1-D weights w0 = (lo + 1) - c
 // (lower neighbour) and w1 = c - lo (upper neighbour), formed in torch's order (x * y * z). Corners outside the
@@ -127,18 +145,9 @@ struct Trilinear {
 
   DA_HD Trilinear(const acc_t c[3], const I size[3], const I stride[3]) {
     I lo[3];
-    all_inside = true;
-    for (int k = 0; k < 3; ++k) {
-      const acc_t f = da_floor_bounded(c[k]);  // |c| <= 2^30 after pad_coord
-      lo[k] = static_cast<I>(f);
-      w0[k] = (f + 1) - c[k];
-      w1[k] = c[k] - f;
-      // lo and lo + 1 both in [0, size), as one unsigned compare: a negative lo wraps to a huge value. Needs
-      // size >= 1, which every op's glue checks (non-empty spatial dimensions).
-      all_inside = all_inside & (static_cast<U>(lo[k]) < static_cast<U>(size[k] - 1));
-    }
+    all_inside = lower_corner(c, size, lo, w0, w1);
     if (all_inside) {  // the common case: corner offsets are the lower corner's plus fixed steps
-      const I base = lo[0] * stride[0] + lo[1] * stride[1] + lo[2] * stride[2];
+      const I base = lower_offset(lo, stride);
       for (int corner = 0; corner < 8; ++corner) {
         offset[corner] = base + corner_step(corner, stride);
         inside[corner] = true;
@@ -164,26 +173,32 @@ struct Trilinear {
       }
     }
   }
+  // The lower corner lo = floor(c) and the 1-D weights; true when lo and lo + 1 both lie in [0, size) on every
+  // axis, tested as one unsigned compare per axis (a negative lo wraps to a huge value). Needs size >= 1, which
+  // every op's glue checks (non-empty spatial dimensions). Branch-free, so a CPU loop over points vectorises it.
+  DA_HD static bool lower_corner(const acc_t c[3], const I size[3], I lo[3], acc_t w0[3], acc_t w1[3]) {
+    bool all_inside = true;
+    for (int k = 0; k < 3; ++k) {
+      const acc_t f = da_floor_bounded(c[k]);  // |c| <= 2^30 after pad_coord
+      lo[k] = static_cast<I>(f);
+      w0[k] = (f + 1) - c[k];
+      w1[k] = c[k] - f;
+      all_inside = all_inside & (static_cast<U>(lo[k]) < static_cast<U>(size[k] - 1));
+    }
+    return all_inside;
+  }
+  // Spatial offset of the lower corner (only for lo inside the volume: far outside, lo * stride overflows I).
+  DA_HD static I lower_offset(const I lo[3], const I stride[3]) {
+    return lo[0] * stride[0] + lo[1] * stride[1] + lo[2] * stride[2];
+  }
   // All corners inside: offset of corner k from corner 0, the same for every location (a loop over points keeps
   // it in a register instead of loading offset[k]).
   DA_HD static I corner_step(int corner, const I stride[3]) {
     return ((corner >> 2) ? stride[0] : I(0)) + (((corner >> 1) & 1) ? stride[1] : I(0)) +
            ((corner & 1) ? stride[2] : I(0));
   }
-  DA_HD acc_t w(int axis, int hi) const { return hi ? w1[axis] : w0[axis]; }
-  DA_HD acc_t weight(int corner) const {
-    return w(2, corner & 1) * w(1, (corner >> 1) & 1) * w(0, corner >> 2);
-  }
-  // Gradient of sum_k weight(k) * v[k] with respect to c = (z, y, x), factorised per axis: the differences of
-  // v along that axis, weighted by the other two axes' weights.
-  DA_HD void gradient(const acc_t v[8], acc_t g[3]) const {
-    g[2] = w0[0] * (w0[1] * (v[1] - v[0]) + w1[1] * (v[3] - v[2])) +
-           w1[0] * (w0[1] * (v[5] - v[4]) + w1[1] * (v[7] - v[6]));
-    g[1] = w0[0] * (w0[2] * (v[2] - v[0]) + w1[2] * (v[3] - v[1])) +
-           w1[0] * (w0[2] * (v[6] - v[4]) + w1[2] * (v[7] - v[5]));
-    g[0] = w0[1] * (w0[2] * (v[4] - v[0]) + w1[2] * (v[5] - v[1])) +
-           w1[1] * (w0[2] * (v[6] - v[2]) + w1[2] * (v[7] - v[3]));
-  }
+  DA_HD acc_t weight(int corner) const { return trilinear_weight(w0, w1, corner); }
+  DA_HD void gradient(const acc_t v[8], acc_t g[3]) const { trilinear_gradient(w0, w1, v, g); }
 };
 
 // The nearest voxel of a location (round half to even, as torch); offset 0 when outside.

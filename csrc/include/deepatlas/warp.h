@@ -97,6 +97,29 @@ struct SpatialGeometry {
   }
 };
 
+// The 8 corner steps from corner 0 of an all-inside neighbourhood, computed once per loop rather than per corner read.
+template <typename acc_t, typename I>
+struct CornerSteps {
+  I step[8];
+  DA_HD explicit CornerSteps(const I stride[3]) {
+    for (int k = 0; k < 8; ++k) step[k] = Trilinear<acc_t, I>::corner_step(k, stride);
+  }
+};
+
+// One channel at an all-inside location: sum_k w[k] * value of corner k, first = corner 0 of that channel.
+template <typename acc_t, typename TIn, typename I>
+DA_HD acc_t interpolate_inside(const TIn* first, const CornerSteps<acc_t, I>& steps, const acc_t w[8]) {
+  acc_t sum = 0;
+  for (int k = 0; k < 8; ++k) sum += to_acc<acc_t>(first[steps.step[k]]) * w[k];
+  return sum;
+}
+
+// The 8 corner values of one channel at an all-inside location.
+template <typename acc_t, typename TIn, typename I>
+DA_HD void gather_inside(const TIn* first, const CornerSteps<acc_t, I>& steps, acc_t v[8]) {
+  for (int k = 0; k < 8; ++k) v[k] = to_acc<acc_t>(first[steps.step[k]]);
+}
+
 // The channels of a point with a corner outside the volume (outside corners count as 0): forward values, or the
 // per-axis gradient sum_c grad_out[c] * d(out[c])/d(location). Out of line (DA_HD_COLD) so that the all-inside
 // path stays lean; g++ otherwise merges both into one loop of flag-checked reads with spilled offsets. Such points
@@ -153,11 +176,9 @@ DA_HD void sample_forward_point(const Coords& coords, const Volume<const TIn, I>
     forward_channels_edge(t, w, base, input.stride[1], dst, out.stride[1], channels);
     return;
   }
+  const CornerSteps<acc_t, I> steps(geo.stride);
   for (I ch = 0; ch < channels; ++ch) {
-    const TIn* first = base + ch * input.stride[1] + t.offset[0];
-    acc_t sum = 0;
-    for (int k = 0; k < 8; ++k) sum += to_acc<acc_t>(first[Trilinear<acc_t, I>::corner_step(k, geo.stride)]) * w[k];
-    dst[ch * out.stride[1]] = from_acc<TIn>(sum);
+    dst[ch * out.stride[1]] = from_acc<TIn>(interpolate_inside(base + ch * input.stride[1] + t.offset[0], steps, w));
   }
 }
 
@@ -178,11 +199,11 @@ DA_HD void sample_backward_coords_point(const Coords& coords, const Volume<const
     if (!t.all_inside) {
       coords_grad_channels_edge(t, base, input.stride[1], go_ptr, grad_out.stride[1], channels, g);
     } else {
+      const CornerSteps<acc_t, I> steps(geo.stride);
       for (I ch = 0; ch < channels; ++ch) {
-        const TIn* first = base + ch * input.stride[1] + t.offset[0];
         const acc_t go = to_acc<acc_t>(go_ptr[ch * grad_out.stride[1]]);
         acc_t v[8];
-        for (int k = 0; k < 8; ++k) v[k] = to_acc<acc_t>(first[Trilinear<acc_t, I>::corner_step(k, geo.stride)]);
+        gather_inside(base + ch * input.stride[1] + t.offset[0], steps, v);
         acc_t gc[3];
         t.gradient(v, gc);
         for (int axis = 0; axis < 3; ++axis) g[axis] += gc[axis] * go;
@@ -191,6 +212,14 @@ DA_HD void sample_backward_coords_point(const Coords& coords, const Volume<const
     for (int k = 0; k < 3; ++k) g[k] *= loc.dc[k];
   }
   coords.write_grad(grad_coords, q, g);
+}
+
+// Adds w[k] * go into the corners of t that lie inside the volume; plane: one channel of grad_input.
+template <typename acc_t, typename TAcc, typename I, typename Add>
+DA_HD void scatter_corners(const Trilinear<acc_t, I>& t, TAcc* plane, const acc_t w[8], acc_t go, Add add) {
+  for (int k = 0; k < 8; ++k) {
+    if (t.inside[k]) add(plane + t.offset[k], static_cast<TAcc>(w[k] * go));
+  }
 }
 
 // Scatter grad_out[n, c, q] for channels [ch_begin, ch_end) into grad_input through add(pointer, value): plain
@@ -218,11 +247,7 @@ DA_HD void sample_backward_input_point(const Coords& coords, const Volume<const 
   acc_t w[8];
   for (int k = 0; k < 8; ++k) w[k] = t.weight(k);
   for (I ch = ch_begin; ch < ch_end; ++ch) {
-    TAcc* plane = base + ch * grad_input.stride[1];
-    const acc_t go = to_acc<acc_t>(go_ptr[ch * grad_out.stride[1]]);
-    for (int k = 0; k < 8; ++k) {
-      if (t.inside[k]) add(plane + t.offset[k], static_cast<TAcc>(w[k] * go));
-    }
+    scatter_corners(t, base + ch * grad_input.stride[1], w, to_acc<acc_t>(go_ptr[ch * grad_out.stride[1]]), add);
   }
 }
 
