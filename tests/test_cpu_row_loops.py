@@ -1,10 +1,11 @@
 """The CPU's row loops (csrc/cpu/sample_rows.h) against the per-point functions that CUDA runs.
 
 The CPU computes trilinear grid_sample / warp, their coordinate gradients and the image-gradient scatter a row of
-points at a time, in two passes; DEEPATLAS_CPU_PER_POINT=1 makes it call the per-point functions of deepatlas/warp.h instead, the code the
-CUDA kernels run. Same arithmetic in the same order, so the two must be bit-identical: on every padding mode, both
-align_corners, both dtypes, broadcast images, strided and channels-last layouts, rows that are not a multiple of the
-chunk (32 points), points on and far outside the borders, NaN / inf, and the 64-bit index path.
+points at a time, in two passes; DEEPATLAS_CPU_PER_POINT=1 makes it call the per-point functions of
+deepatlas/warp.h instead, the code the CUDA kernels run. Same arithmetic in the same order, so the two must be
+bit-identical: on every padding mode, both align_corners, both dtypes, broadcast images, strided and channels-last
+layouts, rows that are not a multiple of the chunk (32 points), points on and far outside the borders, NaN / inf,
+and the 64-bit index path.
 """
 
 import itertools

@@ -46,7 +46,9 @@ inline void parallel_over_rows(const SampleArgs& a, const F& fn) {
   const int64_t row_grain = std::max<int64_t>(1, kPointGrain / std::max<int64_t>(1, w));
   at::parallel_for(0, rows, row_grain, [&](int64_t begin, int64_t end) DA_FLATTEN {
     for (int64_t row = begin; row < end; ++row) {
-      fn(Point<I>{static_cast<I>(row / (int64_t(d) * h)), static_cast<I>((row / h) % d), static_cast<I>(row % h), 0}, w);
+      const Point<I> first{static_cast<I>(row / (int64_t(d) * h)), static_cast<I>((row / h) % d),
+                           static_cast<I>(row % h), 0};
+      fn(first, w);
     }
   });
 }

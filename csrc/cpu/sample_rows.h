@@ -1,12 +1,12 @@
-// The CPU loops of the trilinear sampler (grid_sample / warp: forward, coordinate gradient, input-gradient scatter), one row of output
-// points at a time in chunks of kRowChunk points, in two passes:
+// The CPU loops of the trilinear sampler (grid_sample / warp: forward, coordinate gradient, image-gradient
+// scatter), one row of output points at a time in chunks of kRowChunk points, in two passes:
 //   1. locate: the sampling location, its padding, the lower corner, the weights and the all-inside test of every
 //      point of the chunk: branch-free arithmetic that g++ vectorises (SSE2, 4 floats at a time);
 //   2. gather: the 8 corner reads per point and channel, scalar, with the corner steps in registers.
-// Per point this is exactly the arithmetic of sample_forward_point / sample_backward_coords_point (deepatlas/warp.h),
-// made of the same functions, in the same order: the results are bit-identical (tests/test_cpu_row_loops.py checks
-// it against those per-point functions, which CUDA runs). Points with a corner outside the volume take the same
-// out-of-line edge functions.
+// Per point this is exactly the arithmetic of sample_forward_point, sample_backward_coords_point and
+// sample_backward_input_point (deepatlas/warp.h), made of the same functions, in the same order: the results are
+// bit-identical (tests/test_cpu_row_loops.py checks it against those per-point functions, which CUDA runs). Points
+// with a corner outside the volume take the same out-of-line edge functions.
 #pragma once
 
 #include <algorithm>
