@@ -3,7 +3,8 @@ nvcc and a CUDA build of torch are present). Install with the torch you already 
 
     pip install --no-build-isolation .        # or -e . for development
 
-Switches (environment): DEEPATLAS_CUDA=0|1, TORCH_CUDA_ARCH_LIST, MAX_JOBS, DEEPATLAS_DEBUG=1, CUDA_HOME.
+Switches (environment): DEEPATLAS_CUDA=0|1, TORCH_CUDA_ARCH_LIST, MAX_JOBS, DEEPATLAS_DEBUG=1, DEEPATLAS_NATIVE=1,
+CUDA_HOME.
 """
 
 import importlib.util

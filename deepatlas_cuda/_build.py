@@ -6,6 +6,7 @@ Environment switches:
   MAX_JOBS                parallel compile jobs (default: from cores and available memory)
   DEEPATLAS_DEBUG=1       -O0 -g host code, -G device code, assertions on
   DEEPATLAS_SANITIZE=1    CPU library only, with AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh)
+  DEEPATLAS_NATIVE=1      CPU code for the building machine's own instruction set (-march=native; results unchanged)
   CUDA_HOME               toolkit root (default: found from nvcc, following wrapper scripts)
 
 This file must not import the package (setup.py loads it by path) and imports torch lazily.
@@ -30,6 +31,12 @@ CUDA_SOURCES = ("cuda/sample_kernels.cu", "cuda/labels_kernels.cu", "cuda/jacobi
                 "cuda/dice_kernels.cu", "cuda/ops_cuda.cpp")
 
 NVCC_JOB_GB = 2.5  # peak resident memory of one nvcc job on these kernels, rounded up
+
+# Host-code flags of a DEEPATLAS_NATIVE=1 build: the building CPU's instruction set (AVX2, AVX-512, ...) for the
+# vectorised loops, without contracting a * b + c into fused multiply-adds, so that every result keeps the bits of
+# the default build (tests/test_build.py checks the flags; the op tests run on either). The library then runs only
+# on CPUs with that instruction set: not for a build host that differs from the machines that run it.
+NATIVE_FLAGS = ("-march=native", "-ffp-contract=off")
 
 # Compile and link flags of a DEEPATLAS_SANITIZE=1 build: any UBSan report aborts instead of printing and going on;
 # -g puts file and line numbers into the reports.
@@ -201,9 +208,10 @@ def build_params(csrc: Path | None = None) -> BuildParams:
     else:
         opt = ["-O3", "-DNDEBUG"]
     sanitizer = list(SANITIZE_FLAGS) if sanitize else []
+    native = list(NATIVE_FLAGS) if os.environ.get("DEEPATLAS_NATIVE", "0") == "1" else []
     # -fno-trapping-math: nothing here reads floating-point exception flags, and without it g++ turns the selects of
     # the sampler's coordinate code back into branches and does not vectorise the CPU row loops (cpu/sample_rows.h).
-    cxx = ["-fopenmp", "-fno-trapping-math", *opt, *sanitizer]
+    cxx = ["-fopenmp", "-fno-trapping-math", *opt, *native, *sanitizer]
     nvcc = ["-G", "-g"] if debug else ["-O3", "-DNDEBUG", "-lineinfo"]
     return BuildParams(
         csrc=csrc,

@@ -101,6 +101,18 @@ def test_cache_key_tracks_torch_abi_and_sources(tmp_path, monkeypatch):
     assert _loader.cache_key(_build.build_params(csrc)) != key
 
 
+def test_native_build_targets_this_cpu_without_contracting_to_fma(tmp_path, monkeypatch):
+    """DEEPATLAS_NATIVE=1 must not change a result: -march=native alone would let g++ fuse a * b + c."""
+    (tmp_path / "ops.cpp").write_text("// one\n")
+    monkeypatch.setenv("DEEPATLAS_CUDA", "0")
+    default = _build.build_params(tmp_path)
+    monkeypatch.setenv("DEEPATLAS_NATIVE", "1")
+    native = _build.build_params(tmp_path)
+    assert set(native.cxx_flags) - set(default.cxx_flags) == {"-march=native", "-ffp-contract=off"}
+    assert set(default.cxx_flags) <= set(native.cxx_flags)
+    assert _loader.cache_key(native) != _loader.cache_key(default)
+
+
 def _fake_checkout(tmp_path, monkeypatch):
     """A source checkout with a CPU-only prebuilt "library" recorded as built from its sources: (package, csrc)."""
     monkeypatch.setenv("DEEPATLAS_CUDA", "0")
