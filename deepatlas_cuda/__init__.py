@@ -34,6 +34,7 @@ def build_info() -> dict:
         "cuda_version": _STATE.config.get("cuda_version"),
         "cuda_arch_list": _STATE.config.get("cuda_arch_list", []),
         "debug": _STATE.config.get("debug", False),
+        "native": _STATE.config.get("native", False),  # built with DEEPATLAS_NATIVE=1
         "loaded_from": _STATE.loaded_from,
         "libraries": list(_STATE.libraries),
         "openmp_threads": torch.get_num_threads(),

@@ -86,6 +86,7 @@ class BuildParams:
             "cuda_version": self.cuda_version,
             "cuda_arch_list": self.arch_list,
             "debug": self.debug,
+            "native": "-march=native" in self.cxx_flags,
             "source_hash": self.source_hash(),
             "sources_hash": sources_hash(self.csrc),
         }

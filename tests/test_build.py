@@ -21,6 +21,7 @@ def test_build_info_reports_the_build():
     assert isinstance(info["cuda_kernels"], bool)
     assert info["loaded_from"] in ("prebuilt", "jit")
     assert info["openmp_threads"] == torch.get_num_threads()
+    assert isinstance(info["native"], bool)
     assert all(Path(p).exists() for p in info["libraries"])
     if info["cuda_kernels"]:
         assert info["cuda_version"] and info["cuda_arch_list"]
@@ -111,6 +112,7 @@ def test_native_build_targets_this_cpu_without_contracting_to_fma(tmp_path, monk
     assert set(native.cxx_flags) - set(default.cxx_flags) == {"-march=native", "-ffp-contract=off"}
     assert set(default.cxx_flags) <= set(native.cxx_flags)
     assert _loader.cache_key(native) != _loader.cache_key(default)
+    assert native.config()["native"] is True and default.config()["native"] is False
 
 
 def _fake_checkout(tmp_path, monkeypatch):
