@@ -28,11 +28,11 @@ struct OwnedAdd {
   }
 };
 
-// DEEPATLAS_CPU_PER_POINT=1: trilinear sampling by the per-point functions that CUDA runs instead of the row loops
-// of cpu/sample_rows.h, so that the tests can check the two are bit-identical.
-bool per_point_loops() {
+// Trilinear sampling runs the row loops of cpu/sample_rows.h, unless DEEPATLAS_CPU_PER_POINT=1 asks for the
+// per-point functions that CUDA runs (so that the tests can check the two are bit-identical).
+bool use_row_loops(Interp interp) {
   const char* v = std::getenv("DEEPATLAS_CPU_PER_POINT");
-  return v != nullptr && v[0] == '1';
+  return interp == Interp::Bilinear && !(v != nullptr && v[0] == '1');
 }
 
 template <typename T, typename I>
@@ -40,7 +40,7 @@ void forward_typed(const SampleArgs& a) {
   using acc_t = typename AccType<T>::type;
   const auto input = make_volume<const T, I>(a.input);  // [N_in, C, D, H, W]
   const auto out = make_volume<T, I>(a.output);          // [N, C, D', H', W']
-  const bool rows = a.interp == Interp::Bilinear && !per_point_loops();
+  const bool rows = use_row_loops(a.interp);
   dispatch_modes(a.interp, a.padding, [&](auto interp, auto padding) {
     dispatch_coords<T, I>(a, [&](const auto& coords) {
       if (rows) {
@@ -100,7 +100,7 @@ void scatter_input_grad(const SampleArgs& a, const Coords& coords, const Volume<
   const int64_t blocks = std::clamp<int64_t>((at::get_num_threads() + planes - 1) / planes, 1, depth);
   std::vector<std::pair<int32_t, int32_t>> touched;
   if (blocks > 1) touched = touched_input_planes<T, I>(a, coords, geo.size, padding);
-  const bool rows = interp == Interp::Bilinear && !per_point_loops();
+  const bool rows = use_row_loops(interp);
   at::parallel_for(0, planes * blocks, 1, [&](int64_t begin, int64_t end) DA_FLATTEN {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / blocks;
@@ -151,7 +151,7 @@ void backward_typed(const SampleArgs& a) {
     dispatch_coords<T, I>(a, [&](const auto& coords) {
       if (a.grad_coords.data != nullptr) {
         const auto grad_coords = make_volume<T, I>(a.grad_coords);  // coords' shape
-        if (a.interp == Interp::Bilinear && !per_point_loops()) {
+        if (use_row_loops(a.interp)) {
           parallel_over_rows<I>(a, [&](const Point<I>& q, I width) {
             sample_backward_coords_row<acc_t>(coords, input, grad_out, grad_coords, q, width, padding);
           });
