@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 from deepatlas.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from deepatlas.config import TrainConfig
+from deepatlas.distributed import end_process_group
 from deepatlas.divergence import DivergenceGuard
 from deepatlas.pairs import draw_batch, draw_indices, step_generator
 from deepatlas.schedule import REG, SEG_JOINT, SEG_SUPERVISED, phases, step_at, total_steps
@@ -318,17 +320,21 @@ def test_config_files_and_validation(tmp_path):
 # ---- distributed -------------------------------------------------------------------------------------------------
 
 
+def _ddp_fit(rank, output, result_file):
+    config = tiny_config(output, batch_size=2, seg_norm="instance")
+    trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False).fit()
+    if rank == 0:
+        torch.save(state_of(trainer), result_file)
+
+
 def _ddp_worker(rank, world_size, init_file, output, result_file):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world_size)
     try:
-        config = tiny_config(output, batch_size=2, seg_norm="instance")
-        trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False).fit()
-        if rank == 0:
-            torch.save(state_of(trainer), result_file)
+        _ddp_fit(rank, output, result_file)  # the trainer lives in that frame only, so it is freed before the end
     finally:
-        torch.distributed.destroy_process_group()
+        end_process_group()
 
 
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
@@ -342,24 +348,27 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     assert (tmp_path / "ddp" / LATEST).exists()
 
 
+def _ddp_diverging_fit(rank, output) -> str:
+    """Rank 1's registration loss jumps 10^4-fold at step 33; returns the error the rank stopped with."""
+    config = tiny_config(output, batch_size=2, seg_norm="instance", reg_pretrain_steps=40, checkpoint_every=10)
+    trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False)
+    if rank == 1:
+        _explode_registration_loss(trainer, from_step=33, factor=1e4)
+    try:
+        trainer.fit()
+        return "finished without an error"
+    except FloatingPointError as error:
+        return str(error)
+
+
 def _ddp_diverging_worker(rank, world_size, init_file, output, message_folder):
-    """Rank 1's registration loss jumps 10^4-fold at step 33; every rank writes the error it stopped with."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                          world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
-        config = tiny_config(output, batch_size=2, seg_norm="instance", reg_pretrain_steps=40, checkpoint_every=10)
-        trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False)
-        if rank == 1:
-            _explode_registration_loss(trainer, from_step=33, factor=1e4)
-        try:
-            trainer.fit()
-            message = "finished without an error"
-        except FloatingPointError as error:
-            message = str(error)
-        (Path(message_folder) / f"rank{rank}.txt").write_text(message)
+        (Path(message_folder) / f"rank{rank}.txt").write_text(_ddp_diverging_fit(rank, output))
     finally:
-        torch.distributed.destroy_process_group()
+        end_process_group()
 
 
 def test_ddp_one_diverging_process_stops_every_process(tmp_path):
@@ -501,3 +510,45 @@ def _explode_registration_loss(trainer, from_step, factor):
         return loss, parts
 
     trainer.losses.registration = exploding
+
+
+@pytest.mark.parametrize("kind", [REG, SEG_SUPERVISED, SEG_JOINT])
+def test_grad_clip_bounds_every_steps_gradient_norm_and_reports_it(tmp_path, kind):
+    """config.grad_clip: the network's gradient norm is clipped before the optimiser step (parts["grad_norm"] holds
+    the norm before clipping); 0 (the default) leaves gradients alone and reports nothing."""
+    volumes = tiny_volumes(tiny_config(tmp_path), labelled=2)
+    phase = next(p for p in phases(tiny_config(tmp_path)) if p.kind == kind)  # reg_pretrain, seg_pretrain, semi_da
+    norms = {}
+    for clip in (0.0, 1e-3):
+        trainer = Trainer(tiny_config(tmp_path, grad_clip=clip), volumes, 4, progress=False)
+        parts = trainer._train_step(phase, kind)
+        module = trainer.reg_module if kind == REG else trainer.seg_module
+        norms[clip] = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+        if clip:
+            assert parts["grad_norm"] == pytest.approx(norms[0.0].item(), rel=1e-4)  # the same step, unclipped
+        else:
+            assert "grad_norm" not in parts
+    assert norms[0.0] > 1e-2 and norms[1e-3] == pytest.approx(1e-3, rel=1e-4)
+    with pytest.raises(ValueError, match="config.grad_clip"):
+        tiny_config(tmp_path, grad_clip=float("nan"))
+
+
+def test_end_process_group_frees_what_a_failed_runs_frames_held(tmp_path):
+    """end_process_group(tb) clears the locals of the traceback's finished frames and collects garbage before it
+    destroys the group, so a DDP module held by a failed run's frames cannot keep the group alive into the
+    interpreter's exit (where freeing it can abort the process)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    held = []
+
+    def failing_run():
+        module = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        held.append(weakref.ref(module))
+        raise FloatingPointError("diverged")
+
+    try:
+        failing_run()
+    except FloatingPointError as error:
+        assert held[0]() is not None  # the frame still holds the module
+        end_process_group(error.__traceback__)
+        assert held[0]() is None
+    assert not torch.distributed.is_initialized()

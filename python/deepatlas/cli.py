@@ -179,10 +179,10 @@ class _distributed:
             return dataclasses.replace(self.config, device=f"cuda:{local}")
         return self.config
 
-    def __exit__(self, *exc) -> None:
-        import torch
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from .distributed import end_process_group
         if self.started:
-            torch.distributed.destroy_process_group()
+            end_process_group(tb)
 
 
 def build_parser() -> argparse.ArgumentParser:

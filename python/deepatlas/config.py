@@ -63,6 +63,7 @@ class TrainConfig(DictRecord):
     batch_size: int = 1                # pairs per step (global batch; split over DDP processes)
     lr: float = 1e-3
     divergence_ratio: float = 100.0    # stop at a loss > this x the median of its last 50 (and > 10); 0 = off
+    grad_clip: float = 0.0             # clip each step's gradient norm (per network) to this; 0 = off
     # ---- system
     device: str = "cpu"
     amp: str = "none"                  # "bf16" / "fp16" autocast (fp16 on CUDA only)
@@ -99,6 +100,8 @@ class TrainConfig(DictRecord):
         for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"config.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.lambda_a_reg is not None and not self.lambda_a_reg >= 0:
             raise ValueError(f"config.lambda_a_reg must be >= 0 or None (= lambda_a), got {self.lambda_a_reg}")
         positive = ("num_train", "num_classes", "reg_per_seg", "batch_size", "lr", "checkpoint_every", "log_every",

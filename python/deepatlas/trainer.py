@@ -192,16 +192,18 @@ class Trainer:
         if kind == REG:
             self.reg_module.train()
             loss, parts = self.losses.registration(self.models, batch, anatomy_mode(cfg, phase))
-            self._optimise(self.reg_opt, loss)
+            grad_norm = self._optimise(self.reg_opt, loss)
         else:
             self.seg_module.train()
             if kind == SEG_JOINT:
                 self.seg_opt.zero_grad(set_to_none=True)
                 parts = self.losses.segmentation(self.models, batch, self._backward)
-                self._step(self.seg_opt)
+                grad_norm = self._step(self.seg_opt)
             else:
                 loss, parts = self.losses.supervised(self.models, batch)
-                self._optimise(self.seg_opt, loss)
+                grad_norm = self._optimise(self.seg_opt, loss)
+        if grad_norm is not None:
+            parts["grad_norm"] = grad_norm
         self._stop_if_diverged(phase, kind, parts["loss"])
         parts["seconds"] = time.perf_counter() - start
         parts["peak_mem_mb"] = self.peak.peak_mb()
@@ -225,17 +227,25 @@ class Trainer:
                 f"tenth), or check the data" + ("; config.divergence_ratio = 0 turns off the check for jumps"
                                                   if finite else ""))
 
-    def _optimise(self, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    def _optimise(self, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> float | None:
         optimiser.zero_grad(set_to_none=True)
         self._backward(loss)
-        self._step(optimiser)
+        return self._step(optimiser)
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def _step(self, optimiser: torch.optim.Optimizer) -> None:
+    def _step(self, optimiser: torch.optim.Optimizer) -> float | None:
+        """One optimiser step. With config.grad_clip > 0 the network's gradient norm is clipped first (after DDP's
+        all-reduce, so every process clips alike; unscaled first under fp16) and returned (before clipping)."""
+        grad_norm = None
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(optimiser)
+            params = [p for group in optimiser.param_groups for p in group["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip).item()
         self.scaler.step(optimiser)
         self.scaler.update()
+        return grad_norm
 
     def _log_window(self, window: dict[str, list[dict[str, float]]]) -> None:
         for key, rows in window.items():
