@@ -223,9 +223,9 @@ class Trainer:
         if problem is not None:
             raise FloatingPointError(
                 f"step {self.step} ({phase.name}, {kind}): {problem}; training diverged. Any checkpoint in "
-                f"{self.output} predates it. Start again in a new output folder with a lower config.lr (e.g. a "
-                f"tenth), or check the data" + ("; config.divergence_ratio = 0 turns off the check for jumps"
-                                                  if finite else ""))
+                f"{self.output} predates it. Start again in a new output folder with config.grad_clip set (e.g. 1) "
+                f"or a lower config.lr (e.g. a tenth), or check the data"
+                + ("; config.divergence_ratio = 0 turns off the check for jumps" if finite else ""))
 
     def _optimise(self, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> float | None:
         optimiser.zero_grad(set_to_none=True)
