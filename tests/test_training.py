@@ -313,6 +313,10 @@ def test_config_files_and_validation(tmp_path):
         TrainConfig(method="joint_typo")
     with pytest.raises(ValueError, match="config.lr"):
         TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="config.lr"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="config.lambda_r"):
+        TrainConfig(lambda_r=float("nan"))
     with pytest.raises(ValueError, match="fp16"):
         TrainConfig(amp="fp16", device="cpu")
 

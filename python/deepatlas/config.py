@@ -96,18 +96,16 @@ class TrainConfig(DictRecord):
         if self.num_labelled < -1:
             raise ValueError(f"config.num_labelled must be >= 0, or -1 for all, got {self.num_labelled}")
         nonnegative = ("reg_pretrain_steps", "seg_pretrain_steps", "semi_steps", "joint_rounds", "num_test",
-                       "lambda_r", "lambda_a", "lambda_sp", "lambda_fold", "ce_weight", "divergence_ratio")
+                       "lambda_r", "lambda_a", "lambda_sp", "lambda_fold", "ce_weight", "divergence_ratio", "grad_clip")
         for name in nonnegative:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.grad_clip >= 0:
-            raise ValueError(f"config.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.lambda_a_reg is not None and not self.lambda_a_reg >= 0:
             raise ValueError(f"config.lambda_a_reg must be >= 0 or None (= lambda_a), got {self.lambda_a_reg}")
         positive = ("num_train", "num_classes", "reg_per_seg", "batch_size", "lr", "checkpoint_every", "log_every",
                     "integration_steps", "lncc_window", "eval_pairs")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # NaN too
                 raise ValueError(f"config.{name} must be > 0, got {getattr(self, name)}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise ValueError("config.amp='fp16' needs a CUDA device; use 'bf16' or 'none' on the CPU")
