@@ -186,6 +186,31 @@ def test_console_script_demo_quick_json(tmp_path):
     assert torch.load(tmp_path / "demo" / "joint" / "model.pt", weights_only=True)["num_classes"] >= 2
 
 
+def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, capsys):
+    """The documented DDP command end to end on the CPU (gloo): `torchrun --nproc_per_node=2 -m deepatlas.cli
+    train` writes the files one process writes, prints one report, and trains the same networks as one process
+    with the same global batch."""
+    flags = [*TINY_FLAGS, "--method", "joint", "--batch-size", "2", "--seg-norm", "instance", "--json"]
+    single = run_json(capsys, ["train", *flags, "--output", str(tmp_path / "single")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "deepatlas.cli", "--log-level", "WARNING", "train", *flags, "--output", str(tmp_path / "ddp")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1, result.stdout  # rank 0 only
+    ddp = reports[0]["results"][0]
+    assert ddp["steps"] == single["results"][0]["steps"]
+    for score in ("reg_dice", "seg_dice", "folding_pct"):
+        assert ddp[score] == pytest.approx(single["results"][0][score], abs=1e-3), score
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in
+                                                                          (tmp_path / "single").iterdir())
+    models = [torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("single", "ddp")]
+    for net in ("reg_net", "seg_net"):
+        for key, value in models[0][net].items():
+            torch.testing.assert_close(models[1][net][key], value, rtol=1e-4, atol=1e-6, msg=f"{net}.{key}")
+
+
 def test_train_and_evaluate_on_a_nifti_manifest(tmp_path, capsys):
     """User data: a CSV manifest with train / test splits, 2 of 4 training images labelled."""
     rows = ["image,label,split"]

@@ -56,9 +56,11 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 def cmd_train(args: argparse.Namespace) -> int:
     from .run import prepare_data, run_method
     config = config_from_args(args)
-    with _distributed(config) as config:
+    distributed = _distributed(config)
+    with distributed as config:
         result = run_method(config, prepare_data(config), config.output, progress=not args.no_progress)
-    _report([result], args.json)
+    if distributed.rank == 0:  # under torchrun every process evaluates the same networks; one report is enough
+        _report([result], args.json)
     return 0
 
 
@@ -163,6 +165,7 @@ class _distributed:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.started = False
+        self.rank = 0
 
     def __enter__(self) -> TrainConfig:
         import os
@@ -173,6 +176,7 @@ class _distributed:
         cuda = self.config.device.startswith("cuda")
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
         self.started = True
+        self.rank = torch.distributed.get_rank()
         if cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
