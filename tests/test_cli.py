@@ -51,11 +51,35 @@ def test_compare_over_seeds_reports_each_seed_and_the_spread(capsys, tmp_path):
     assert summary["reg_only"]["reg_dice_mean"] == pytest.approx(reg.mean().item())
     assert summary["reg_only"]["reg_dice_sd"] == pytest.approx(reg.std().item())
     assert summary["reg_only"]["seg_dice_mean"] is None and summary["seg_only"]["seeds"] == 2
+    assert report["paired"] == []  # no joint run: nothing to pair
     assert main(["compare", *TINY_FLAGS, "--methods", "reg_only,seg_only", "--seeds", "3", "4",
                  "--output", str(tmp_path)]) == 0  # resumes the finished runs, prints the table
     table = capsys.readouterr().out
     assert "| method | reg Dice: seed 3 | seed 4 | mean ± sd |" in table
     assert f"{reg.mean().item():.3f} ± {reg.std().item():.3f}" in table
+    assert "minus" not in table  # no joint run: nothing to pair
+
+
+def test_paired_differences_per_seed_mean_sd_t_and_seeds_ahead():
+    from deepatlas.run import paired_differences, seeds_table
+
+    def row(method, seed, reg, seg):
+        return {"method": method, "seed": seed, "reg_dice": reg, "seg_dice": seg}
+    rows = [row("reg_only", 0, 0.60, None), row("seg_only", 0, None, 0.40), row("joint", 0, 0.62, 0.60),
+            row("reg_only", 1, 0.50, None), row("seg_only", 1, None, 0.50), row("joint", 1, 0.49, 0.45),
+            row("reg_only", 2, 0.70, None), row("seg_only", 2, None, float("nan")), row("joint", 2, 0.73, 0.70)]
+    reg, seg = paired_differences(rows)  # no pair for a score a method lacks (reg_only's seg, seg_only's reg)
+    assert (reg["score"], reg["baseline"], reg["seeds"], reg["ahead"]) == ("reg_dice", "reg_only", [0, 1, 2], 2)
+    assert reg["differences"] == pytest.approx([0.02, -0.01, 0.03])
+    # by hand: mean 0.04 / 3; sd sqrt(((0.02 - m)^2 + (-0.01 - m)^2 + (0.03 - m)^2) / 2) = 0.0208167; t = m / (sd / sqrt 3)
+    assert (reg["mean"], reg["sd"], reg["t"]) == pytest.approx((0.0133333, 0.0208167, 1.1094004), rel=1e-5)
+    assert (seg["baseline"], seg["seeds"], seg["ahead"]) == ("seg_only", [0, 1], 1)  # seed 2's NaN left out
+    assert (seg["mean"], seg["sd"], seg["t"]) == pytest.approx((0.075, 0.1767767, 0.6), rel=1e-5)
+    assert paired_differences(rows[:3])[0]["t"] is None  # one seed: no spread
+    table = seeds_table(rows)
+    assert "joint minus reg_only, reg Dice: +0.020 / -0.010 / +0.030; mean +0.013 ± 0.021, paired t 1.11 (2 df); " \
+           "ahead on 2 of 3 seeds" in table
+    assert "joint minus seg_only, seg Dice: +0.200 / -0.050; mean +0.075 ± 0.177, paired t 0.60 (1 df)" in table
 
 
 def test_compare_preset_is_the_demos_settings_under_the_flags():

@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .demo import PRESETS
-    from .run import compare, compare_seeds, seed_summary, seeds_table
+    from .run import compare, compare_seeds, paired_differences, seed_summary, seeds_table
     config = config_from_args(args, PRESETS[args.preset] if args.preset else None)
     methods = tuple(m.strip() for m in args.methods.split(","))
     if args.seeds is None:
@@ -74,7 +74,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     rows = compare_seeds(config, methods, args.seeds, progress=not args.no_progress)
     if args.json:
-        print(json.dumps({"results": [_jsonable(r) for r in rows], "summary": seed_summary(rows)}))
+        print(json.dumps({"results": [_jsonable(r) for r in rows], "summary": seed_summary(rows),
+                          "paired": paired_differences(rows)}))
     else:
         print(seeds_table(rows))
     return 0

@@ -154,6 +154,34 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
+def paired_differences(rows: list[dict[str, Any]], method: str = "joint") -> list[dict[str, Any]]:
+    """``method`` minus each other method, per score (reg Dice, seg Dice) that both have, seed by seed: a paired
+    comparison (the same subjects and initialisation on each seed), so the seed-to-seed spread that both share drops
+    out. Per pair: the seeds, the differences, their mean and sample sd, the paired t statistic
+    (mean / (sd / sqrt(n)), n - 1 degrees of freedom; None below 2 seeds or when sd is 0) and on how many seeds
+    ``method`` is ahead. A seed where either score is missing is left out."""
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    pairs = []
+    for key in ("reg_dice", "seg_dice"):
+        def scores(name: str) -> dict[int, float]:
+            return {row["seed"]: row[key] for row in rows
+                    if row["method"] == name and row[key] is not None and row[key] == row[key]}
+        mine = scores(method)
+        for baseline in methods:
+            theirs = scores(baseline)
+            seeds = [seed for seed in mine if seed in theirs]
+            if baseline == method or not seeds:
+                continue
+            differences = torch.tensor([mine[seed] - theirs[seed] for seed in seeds], dtype=torch.float64)
+            mean = differences.mean().item()
+            sd = differences.std().item() if len(seeds) > 1 else None
+            t = mean / (sd / len(seeds) ** 0.5) if sd else None
+            pairs.append({"score": key, "method": method, "baseline": baseline, "seeds": seeds,
+                          "differences": differences.tolist(), "mean": mean, "sd": sd, "t": t,
+                          "ahead": int((differences > 0).sum())})
+    return pairs
+
+
 def seeds_table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of a multi-seed comparison: each seed's score and the mean ± sd per method."""
     seeds = list(dict.fromkeys(row["seed"] for row in rows))
@@ -174,6 +202,13 @@ def seeds_table(rows: list[dict[str, Any]]) -> str:
         reg = " | ".join(cell(method, "reg_dice", s) for s in seeds)
         seg = " | ".join(cell(method, "seg_dice", s) for s in seeds)
         lines.append(f"| {method} | {reg} | {spread(entry, 'reg_dice')} | {seg} | {spread(entry, 'seg_dice')} |")
+    for pair in paired_differences(rows):
+        score = "reg Dice" if pair["score"] == "reg_dice" else "seg Dice"
+        per_seed = " / ".join(f"{d:+.3f}" for d in pair["differences"])
+        n = len(pair["seeds"])
+        spread_t = "" if pair["t"] is None else f" ± {pair['sd']:.3f}, paired t {pair['t']:.2f} ({n - 1} df)"
+        lines.append(f"\n{pair['method']} minus {pair['baseline']}, {score}: {per_seed}; mean {pair['mean']:+.3f}"
+                     f"{spread_t}; ahead on {pair['ahead']} of {n} seeds")
     return "\n".join(lines)
 
 
