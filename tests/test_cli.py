@@ -71,7 +71,7 @@ def test_paired_differences_per_seed_mean_sd_t_and_seeds_ahead():
     reg, seg = paired_differences(rows)  # no pair for a score a method lacks (reg_only's seg, seg_only's reg)
     assert (reg["score"], reg["baseline"], reg["seeds"], reg["ahead"]) == ("reg_dice", "reg_only", [0, 1, 2], 2)
     assert reg["differences"] == pytest.approx([0.02, -0.01, 0.03])
-    # by hand: mean 0.04 / 3; sd sqrt(((0.02 - m)^2 + (-0.01 - m)^2 + (0.03 - m)^2) / 2) = 0.0208167; t = m / (sd / sqrt 3)
+    # by hand: m = 0.04 / 3; sd = sqrt(((0.02 - m)^2 + (-0.01 - m)^2 + (0.03 - m)^2) / 2); t = m / (sd / sqrt 3)
     assert (reg["mean"], reg["sd"], reg["t"]) == pytest.approx((0.0133333, 0.0208167, 1.1094004), rel=1e-5)
     assert (seg["baseline"], seg["seeds"], seg["ahead"]) == ("seg_only", [0, 1], 1)  # seed 2's NaN left out
     assert (seg["mean"], seg["sd"], seg["t"]) == pytest.approx((0.075, 0.1767767, 0.6), rel=1e-5)
