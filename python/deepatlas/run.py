@@ -167,10 +167,10 @@ def paired_differences(rows: list[dict[str, Any]], method: str = "joint") -> lis
             return {row["seed"]: row[key] for row in rows
                     if row["method"] == name and row[key] is not None and row[key] == row[key]}
         mine = scores(method)
-        for baseline in methods:
+        for baseline in (name for name in methods if name != method):
             theirs = scores(baseline)
             seeds = [seed for seed in mine if seed in theirs]
-            if baseline == method or not seeds:
+            if not seeds:
                 continue
             differences = torch.tensor([mine[seed] - theirs[seed] for seed in seeds], dtype=torch.float64)
             mean = differences.mean().item()
