@@ -3,6 +3,7 @@ train with a config file, bench, info, --help everywhere, and the demo's --quick
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,11 +76,16 @@ def test_paired_differences_per_seed_mean_sd_t_and_seeds_ahead():
     assert (reg["mean"], reg["sd"], reg["t"]) == pytest.approx((0.0133333, 0.0208167, 1.1094004), rel=1e-5)
     assert (seg["baseline"], seg["seeds"], seg["ahead"]) == ("seg_only", [0, 1], 1)  # seed 2's NaN left out
     assert (seg["mean"], seg["sd"], seg["t"]) == pytest.approx((0.075, 0.1767767, 0.6), rel=1e-5)
-    assert paired_differences(rows[:3])[0]["t"] is None  # one seed: no spread
+    # two-sided p by the closed forms of Student's t: 2 df, p = 1 - t / sqrt(t^2 + 2); 1 df, p = 1 - 2 atan(t) / pi
+    assert reg["p"] == pytest.approx(1 - 1.1094004 / math.sqrt(1.1094004 ** 2 + 2), rel=1e-5)
+    assert seg["p"] == pytest.approx(1 - 2 * math.atan(0.6) / math.pi, rel=1e-5)
+    one_seed = paired_differences(rows[:3])[0]
+    assert one_seed["t"] is None and one_seed["p"] is None  # one seed: no spread
     table = seeds_table(rows)
-    assert "joint minus reg_only, reg Dice: +0.020 / -0.010 / +0.030; mean +0.013 ± 0.021, paired t 1.11 (2 df); " \
-           "ahead on 2 of 3 seeds" in table
-    assert "joint minus seg_only, seg Dice: +0.200 / -0.050; mean +0.075 ± 0.177, paired t 0.60 (1 df)" in table
+    assert "joint minus reg_only, reg Dice: +0.020 / -0.010 / +0.030; mean +0.013 ± 0.021, paired t 1.11 " \
+           "(2 df, two-sided p 0.383); ahead on 2 of 3 seeds" in table
+    assert "joint minus seg_only, seg Dice: +0.200 / -0.050; mean +0.075 ± 0.177, paired t 0.60 " \
+           "(1 df, two-sided p 0.656)" in table
 
 
 def test_compare_preset_is_the_demos_settings_under_the_flags():

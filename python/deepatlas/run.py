@@ -158,8 +158,10 @@ def paired_differences(rows: list[dict[str, Any]], method: str = "joint") -> lis
     """``method`` minus each other method, per score (reg Dice, seg Dice) that both have, seed by seed: a paired
     comparison (the same subjects and initialisation on each seed), so the seed-to-seed spread that both share drops
     out. Per pair: the seeds, the differences, their mean and sample sd, the paired t statistic
-    (mean / (sd / sqrt(n)), n - 1 degrees of freedom; None below 2 seeds or when sd is 0) and on how many seeds
-    ``method`` is ahead. A seed where either score is missing is left out."""
+    (mean / (sd / sqrt(n)), n - 1 degrees of freedom; None below 2 seeds or when sd is 0), its two-sided p-value
+    (Student's t; None with t) and on how many seeds ``method`` is ahead. A seed where either score is missing is
+    left out."""
+    from scipy.stats import t as student_t
     methods = list(dict.fromkeys(row["method"] for row in rows))
     pairs = []
     for key in ("reg_dice", "seg_dice"):
@@ -176,8 +178,9 @@ def paired_differences(rows: list[dict[str, Any]], method: str = "joint") -> lis
             mean = differences.mean().item()
             sd = differences.std().item() if len(seeds) > 1 else None
             t = mean / (sd / len(seeds) ** 0.5) if sd else None
+            p = float(2 * student_t.sf(abs(t), len(seeds) - 1)) if t is not None else None
             pairs.append({"score": key, "method": method, "baseline": baseline, "seeds": seeds,
-                          "differences": differences.tolist(), "mean": mean, "sd": sd, "t": t,
+                          "differences": differences.tolist(), "mean": mean, "sd": sd, "t": t, "p": p,
                           "ahead": int((differences > 0).sum())})
     return pairs
 
@@ -206,7 +209,8 @@ def seeds_table(rows: list[dict[str, Any]]) -> str:
         score = "reg Dice" if pair["score"] == "reg_dice" else "seg Dice"
         per_seed = " / ".join(f"{d:+.3f}" for d in pair["differences"])
         n = len(pair["seeds"])
-        spread_t = "" if pair["t"] is None else f" ± {pair['sd']:.3f}, paired t {pair['t']:.2f} ({n - 1} df)"
+        spread_t = "" if pair["t"] is None else \
+            f" ± {pair['sd']:.3f}, paired t {pair['t']:.2f} ({n - 1} df, two-sided p {pair['p']:.3f})"
         lines.append(f"\n{pair['method']} minus {pair['baseline']}, {score}: {per_seed}; mean {pair['mean']:+.3f}"
                      f"{spread_t}; ahead on {pair['ahead']} of {n} seeds")
     return "\n".join(lines)
