@@ -61,7 +61,7 @@ def test_compare_over_seeds_reports_each_seed_and_the_spread(capsys, tmp_path):
     assert "minus" not in table  # no joint run: nothing to pair
 
 
-def test_paired_differences_per_seed_mean_sd_t_and_seeds_ahead():
+def test_paired_differences_per_seed_mean_sd_t_p_and_seeds_ahead():
     from deepatlas.run import paired_differences, seeds_table
 
     def row(method, seed, reg, seg):
