@@ -98,6 +98,18 @@ def test_compare_preset_is_the_demos_settings_under_the_flags():
     assert config_from_args(args, PRESETS[args.preset]).lambda_a_reg == 0.1
 
 
+def test_every_preset_is_a_flag_and_gncc_is_the_default_with_the_papers_losses():
+    from deepatlas.cli import PRESET_NAMES
+    from deepatlas.demo import PRESETS, demo_config
+    assert set(PRESET_NAMES) == set(PRESETS)
+    default, gncc = demo_config("x", "default"), demo_config("x", "gncc")
+    assert (default.similarity, default.lambda_r, default.grad_clip) == ("lncc", 0.3, 3.0)
+    assert (gncc.similarity, gncc.lambda_r, gncc.grad_clip) == ("ncc", 1.0, 0.0)
+    assert dataclasses.replace(gncc, similarity="lncc", lambda_r=0.3, grad_clip=3.0) == default
+    assert build_parser().parse_args(["demo", "--preset", "gncc"]).preset == "gncc"
+    assert build_parser().parse_args(["demo"]).preset == "default"
+
+
 def test_compare_json_has_one_entry_per_method(compared):
     output, report = compared
     methods = [r["method"] for r in report["results"]]

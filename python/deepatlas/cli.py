@@ -13,6 +13,7 @@ from typing import Any
 from .config import TrainConfig, read_mapping
 
 log = logging.getLogger("deepatlas")
+PRESET_NAMES = ("quick", "default", "gncc", "long")  # deepatlas.demo.PRESETS (not imported here: it loads torch)
 
 
 # ---- config flags ------------------------------------------------------------------------------------------------
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="under a minute on a 2-core CPU (a smoke test, not real results)")
     speed.add_argument("--long", dest="preset", action="store_const", const="long",
                        help="a longer setting for real results (64^3, 8 structures, 10x the steps)")
+    speed.add_argument("--preset", choices=PRESET_NAMES,
+                       help="a named preset (deepatlas/demo.py); gncc: the default's budget with global NCC, "
+                            "lambda_r 1 and no gradient clip (the demo's settings until 2026-12)")
     demo.set_defaults(preset="default")
     demo.add_argument("--data", choices=["synthetic", "mni"], default="synthetic",
                       help="synthetic anatomy, or the MNI152 template from the installed nilearn package")
@@ -223,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = command("compare", cmd_compare, "train the independent baselines and the joint model on the same "
                                               "data and compare them (one folder per method under --output)")
     add_config_flags(compare)
-    compare.add_argument("--preset", choices=("quick", "default", "long"),
+    compare.add_argument("--preset", choices=PRESET_NAMES,
                          help="start from a `deepatlas demo` preset's settings (--config and flags override them)")
     compare.add_argument("--seeds", type=int, nargs="+", metavar="S",
                          help="repeat the comparison for each seed (training and data seed; outputs in "
