@@ -4,6 +4,8 @@ import csv
 import gzip
 import importlib.util
 import json
+import runpy
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -92,6 +94,39 @@ def test_mni_base():
     # WM is brighter than GM, GM brighter than CSF in a T1 image
     means = [subjects[0].image[subjects[0].label == k].mean() for k in (1, 2, 3)]
     assert means[0] < means[1] < means[2]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nilearn") is None, reason="nilearn not installed")
+def test_mni_lobes_probe_relabels_the_brain_from_the_atlas_by_mni_position(tmp_path, monkeypatch):
+    """scripts/mni_lobes_probe.py on a stand-in atlas (2 mm, MNI mm): superior frontal parcels in front of y = 0,
+    right superior parietal behind it, left thalamus in a box; brain voxels take their lobe, the box's voxels its
+    class, CSF and background stay the template's."""
+    probe = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "mni_lobes_probe.py"), run_name="probe")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -100
+    mm = np.stack(np.meshgrid(*[np.arange(101) * 2.0 - 100] * 3, indexing="ij"))  # [3, 101, 101, 101]
+    atlas = np.where(mm[1] > 0, 1028, 2029).astype(np.int16)
+    box = np.all(np.abs(mm - np.array([-10.0, -15, 5])[:, None, None, None]) <= 8, axis=0)
+    atlas[box] = 10
+    path = tmp_path / "atlas.nii.gz"
+    nib.save(nib.Nifti1Image(atlas, affine), str(path))
+    monkeypatch.setitem(probe["lobar_base"].__globals__, "atlas_file", lambda: path)
+    labels, t1, voxel_to_mm = probe["lobar_base"]((32, 32, 32))
+    tissue, t1_template, _ = probe["original_base"]((32, 32, 32))
+    np.testing.assert_array_equal(t1, t1_template)
+    np.testing.assert_array_equal(labels[tissue < 2], tissue[tissue < 2])
+    brain = tissue >= 2
+    grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij")).reshape(3, -1)
+    position = (voxel_to_mm[:3, :3] @ grid + voxel_to_mm[:3, 3:]).reshape(3, 32, 32, 32)
+    y = position[1]
+    in_box = np.all(np.abs(position - np.array([-10.0, -15, 5])[:, None, None, None]) <= 5, axis=0)
+    near_box = np.all(np.abs(position - np.array([-10.0, -15, 5])[:, None, None, None]) <= 11, axis=0)
+    assert set(np.unique(labels[brain])) == {2, 3, 6}
+    assert (brain & in_box).sum() > 0 and np.all(labels[brain & in_box] == 6)
+    assert np.all(labels[~near_box] != 6)
+    assert np.all(labels[brain & (y > 4)] == 2) and np.all(labels[brain & (y < -4) & ~near_box] == 3)
+    assert probe["atlas_groups"](np.array([1028, 2028, 1010, 10, 2, 47, 16, 1035, 2021]))[None].tolist() == \
+        [[2, 2, 3, 6, 0, 7, 8, 4, 5]]
 
 
 # ---------------------------------------------------------------- stacking
