@@ -105,8 +105,9 @@ def test_mni_lobes_probe_relabels_the_brain_from_the_atlas_by_mni_position(tmp_p
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = -100
     mm = np.stack(np.meshgrid(*[np.arange(101) * 2.0 - 100] * 3, indexing="ij"))  # [3, 101, 101, 101]
+    box_centre = np.array([-10.0, -15, 5])[:, None, None, None]
     atlas = np.where(mm[1] > 0, 1028, 2029).astype(np.int16)
-    box = np.all(np.abs(mm - np.array([-10.0, -15, 5])[:, None, None, None]) <= 8, axis=0)
+    box = np.all(np.abs(mm - box_centre) <= 8, axis=0)
     atlas[box] = 10
     path = tmp_path / "atlas.nii.gz"
     nib.save(nib.Nifti1Image(atlas, affine), str(path))
@@ -119,14 +120,14 @@ def test_mni_lobes_probe_relabels_the_brain_from_the_atlas_by_mni_position(tmp_p
     grid = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij")).reshape(3, -1)
     position = (voxel_to_mm[:3, :3] @ grid + voxel_to_mm[:3, 3:]).reshape(3, 32, 32, 32)
     y = position[1]
-    in_box = np.all(np.abs(position - np.array([-10.0, -15, 5])[:, None, None, None]) <= 5, axis=0)
-    near_box = np.all(np.abs(position - np.array([-10.0, -15, 5])[:, None, None, None]) <= 11, axis=0)
+    in_box = np.all(np.abs(position - box_centre) <= 5, axis=0)
+    near_box = np.all(np.abs(position - box_centre) <= 11, axis=0)
     assert set(np.unique(labels[brain])) == {2, 3, 6}
     assert (brain & in_box).sum() > 0 and np.all(labels[brain & in_box] == 6)
     assert np.all(labels[~near_box] != 6)
     assert np.all(labels[brain & (y > 4)] == 2) and np.all(labels[brain & (y < -4) & ~near_box] == 3)
-    assert probe["atlas_groups"](np.array([1028, 2028, 1010, 10, 2, 47, 16, 1035, 2021]))[None].tolist() == \
-        [[2, 2, 3, 6, 0, 7, 8, 4, 5]]
+    assert probe["atlas_groups"](np.array([1028, 2028, 1010, 10, 2, 47, 16, 1035, 2021])).tolist() == \
+        [2, 2, 3, 6, 0, 7, 8, 4, 5]
 
 
 # ---------------------------------------------------------------- stacking
