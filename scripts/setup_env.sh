@@ -24,8 +24,8 @@ PY="$VENV/bin/python"
 if [ "${DEEPATLAS_REBUILD:-0}" = "1" ] || ! "$PY" "$ROOT/deepatlas_cuda/_build.py" --is-current; then
   echo "== building deepatlas_cuda ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && [ "${DEEPATLAS_CUDA:-}" != "0" ] && command -v nvcc >/dev/null; then
-    echo "   nvcc found: the CUDA library is built for every architecture from Volta on, which takes a while;" \
-         "TORCH_CUDA_ARCH_LIST set to your GPU's (e.g. 9.0) builds one, DEEPATLAS_CUDA=0 none"
+    echo "   nvcc found: the CUDA library is built for each default architecture nvcc supports (Volta on)," \
+         "which takes a while; TORCH_CUDA_ARCH_LIST set to your GPU's (e.g. 9.0) builds one, DEEPATLAS_CUDA=0 none"
   fi
   "$PY" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
 fi
