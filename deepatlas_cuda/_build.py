@@ -207,7 +207,9 @@ def build_params(csrc: Path | None = None) -> BuildParams:
     elif sanitize:
         opt = ["-O1"]  # the level the sanitizer docs recommend: usable speed, reports that point at the source
     else:
-        opt = ["-O3", "-DNDEBUG"]
+        # -g0 cancels the -g that setup.py inherits from Python's own CFLAGS: debug information made the CPU library
+        # 38 MB instead of 5 and its compile a third slower, and never changes the code generated.
+        opt = ["-O3", "-DNDEBUG", "-g0"]
     sanitizer = list(SANITIZE_FLAGS) if sanitize else []
     native = list(NATIVE_FLAGS) if os.environ.get("DEEPATLAS_NATIVE", "0") == "1" else []
     # -fno-trapping-math: nothing here reads floating-point exception flags, and without it g++ turns the selects of

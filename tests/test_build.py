@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,26 @@ def test_native_build_targets_this_cpu_without_contracting_to_fma(tmp_path, monk
     assert set(default.cxx_flags) <= set(native.cxx_flags)
     assert _loader.cache_key(native) != _loader.cache_key(default)
     assert native.config()["native"] is True and default.config()["native"] is False
+
+
+def test_release_host_code_drops_the_debug_information_python_cflags_ask_for(tmp_path, monkeypatch):
+    """setup.py compiles with Python's CFLAGS, which hold -g; a release build cancels it, a debug build keeps it."""
+    (tmp_path / "ops.cpp").write_text("// one\n")
+    monkeypatch.setenv("DEEPATLAS_CUDA", "0")
+    assert "-g0" in _build.build_params(tmp_path).cxx_flags
+    monkeypatch.setenv("DEEPATLAS_DEBUG", "1")
+    debug_flags = _build.build_params(tmp_path).cxx_flags
+    assert "-g" in debug_flags and "-g0" not in debug_flags
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf (binutils)")
+def test_loaded_release_library_has_no_debug_sections():
+    info = deepatlas_cuda.build_info()
+    if info["debug"] or info["loaded_from"] != "prebuilt":
+        pytest.skip("a debug or just-in-time build")
+    for library in info["libraries"]:
+        sections = subprocess.run(["readelf", "-S", "-W", library], capture_output=True, text=True, check=True).stdout
+        assert ".debug_info" not in sections, library
 
 
 def _fake_checkout(tmp_path, monkeypatch):
