@@ -39,8 +39,10 @@ NVCC_JOB_GB = 2.5  # peak resident memory of one nvcc job on these kernels, roun
 NATIVE_FLAGS = ("-march=native", "-ffp-contract=off")
 
 # Compile and link flags of a DEEPATLAS_SANITIZE=1 build: any UBSan report aborts instead of printing and going on;
-# -g puts file and line numbers into the reports.
-SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g")
+# float-cast-overflow (a float to integer conversion out of range: undefined on the CPU, saturating on a GPU) is not
+# part of g++'s "undefined"; -g puts file and line numbers into the reports.
+SANITIZE_FLAGS = ("-fsanitize=address,undefined,float-cast-overflow", "-fno-omit-frame-pointer",
+                  "-fno-sanitize-recover=undefined,float-cast-overflow", "-g")
 
 
 @dataclasses.dataclass

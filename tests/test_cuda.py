@@ -89,7 +89,24 @@ def test_forced_64_bit_indexing_cuda(monkeypatch):
 
 
 def test_runs_on_the_current_stream():
-    """The kernel runs on the current (side) stream: it finishes while the default stream is still busy."""
+    """The kernel runs on the current (side) stream, after the work queued there before it: its input is written
+    by a slow side-stream op, so a launch on another stream would read it unwritten."""
+    image = torch.randn(1, 1, 32, 32, 32, device="cuda")
+    ddf = random_ddf(1, 32, 32, 32, device="cuda")
+    expected = da.warp(image + 1, ddf)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(1_000_000_000)  # delays the side stream's next op by about half a second
+        shifted = image + 1
+        out = da.warp(shifted, ddf)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_does_not_wait_for_the_default_stream():
+    """On a side stream the op neither blocks the host nor waits for the busy default stream (compute-sanitizer
+    serialises kernels, so scripts/gpu_check.sh leaves this test out of its sanitizer runs)."""
     image = torch.randn(1, 1, 32, 32, 32, device="cuda")
     ddf = random_ddf(1, 32, 32, 32, device="cuda")
     expected = da.warp(image, ddf)
@@ -102,6 +119,23 @@ def test_runs_on_the_current_stream():
     assert not torch.cuda.default_stream().query(), "the warp waited for the default stream"
     torch.cuda.synchronize()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_reflection_of_huge_coordinates_cuda_matches_cpu(align_corners):
+    """Coordinates far beyond 2^63 voxels reflect the same way on both (no float-to-integer cast out of range: it
+    saturates on a GPU and is undefined on the CPU)."""
+    input = torch.randn(1, 2, 4, 5, 6)
+    grid = random_grid(1, 4, 4, 4)
+    huge = torch.tensor([1e12, -1e12, 1e20, -1e20, 3e38, -3e38])
+    mask = torch.rand(grid.shape) < 0.5
+    grid[mask] = huge[torch.randint(len(huge), (int(mask.sum()),))]
+    fn = lambda i, g: da.grid_sample(i, g, "bilinear", "reflection", align_corners)  # noqa: E731
+    out_cpu, grads_cpu, grad_out = _forward_backward(fn, [input, grid])
+    out_gpu, grads_gpu, _ = _forward_backward(fn, [input.cuda(), grid.cuda()], grad_out)
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_gpu, grads_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
 
 
 def test_opcheck_cuda():

@@ -61,7 +61,11 @@ DA_HD acc_t reflect_coord_with_grad(acc_t in, int64_t twice_low, int64_t twice_h
     in = -in;
   }
   const acc_t extra = da_fmod(in, span);
-  const int64_t flips = static_cast<int64_t>(da_floor(in / span));
+  // Beyond 2^53 every float and double is an even integer, so the parity of the flips survives the bound; without
+  // it the cast would be undefined on the CPU past 2^63 (x86: INT64_MIN, even) and saturate on a GPU (odd).
+  const acc_t even_beyond = static_cast<acc_t>(9007199254740992.0);  // 2^53
+  const acc_t whole_spans = da_floor(in / span);
+  const int64_t flips = static_cast<int64_t>(whole_spans < even_beyond ? whole_spans : even_beyond);
   if (flips % 2 == 0) {
     *grad = sign;
     return extra + min;
