@@ -122,7 +122,7 @@ def _jit_one(name: str, sources: list[str], params: _build.BuildParams, director
 def _load_jit() -> LoadState:
     params = _build.build_params()
     if not Path(params.csrc, _build.CPU_SOURCES[0]).exists():
-        raise ImportError(f"deepatlas_cuda: no prebuilt library next to {PACKAGE_DIR} and no sources in "
+        raise ImportError(f"deepatlas_cuda: no usable prebuilt library in {PACKAGE_DIR} and no sources in "
                           f"{params.csrc} to build one; reinstall with `pip install --no-build-isolation .`")
     _build.configure_torch_env(params)
     directory = cache_root() / cache_key(params)
