@@ -153,6 +153,21 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+def test_cuda_many_classes_without_shared_memory_matches_cpu():
+    """K = 1400: a block's [3, K] double sums (33.6 KB) exceed the 32 KB of shared memory the forward uses, so it
+    accumulates straight into global memory."""
+    source, target = labels(2, (6, 7, 5), 1400), labels(2, (6, 7, 5), 1400)
+    ddf = random_ddf(2, 6, 7, 5)
+    results = []
+    for device in ("cpu", "cuda"):
+        u = ddf.to(device).requires_grad_()
+        dice = da.warped_dice(source.to(device), u, target.to(device), num_classes=1400)
+        results.append((dice, *torch.autograd.grad(dice.sum(), u)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
 def test_probability_source_matches_warp_then_dice_and_gradchecks(target_kind):
     generator = torch.Generator().manual_seed(5)
