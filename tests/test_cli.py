@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -108,6 +109,16 @@ def test_every_preset_is_a_flag_and_gncc_is_the_default_with_the_papers_losses()
     assert dataclasses.replace(gncc, similarity="lncc", lambda_r=0.3, grad_clip=3.0) == default
     assert build_parser().parse_args(["demo", "--preset", "gncc"]).preset == "gncc"
     assert build_parser().parse_args(["demo"]).preset == "default"
+
+
+def test_each_demo_setting_has_its_own_default_folder():
+    """A run resumes only with its own settings: `demo --quick` after `demo` must not meet the default's checkpoints."""
+    from deepatlas.cli import default_demo_output
+    assert default_demo_output("default", "synthetic") == Path("deepatlas-demo")
+    assert default_demo_output("quick", "synthetic") == Path("deepatlas-demo-quick")
+    assert default_demo_output("gncc", "mni") == Path("deepatlas-demo-gncc-mni")
+    assert default_demo_output("default", "mni") == Path("deepatlas-demo-mni")
+    assert build_parser().parse_args(["demo", "--quick"]).output is None
 
 
 def test_compare_json_has_one_entry_per_method(compared):

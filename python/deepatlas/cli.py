@@ -82,13 +82,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_demo_output(preset: str, data: str) -> Path:
+    """deepatlas-demo for the default demo, deepatlas-demo-quick, deepatlas-demo-gncc-mni, ... for the others: a run
+    resumes only with its own settings, so each setting gets its own folder and one demo never stops on another's
+    checkpoints."""
+    return Path("-".join(["deepatlas-demo", *(p for p in (preset, data) if p not in ("default", "synthetic"))]))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    results = run_demo(args.output, preset=args.preset, data=args.data, device=args.device, seed=args.seed,
+    output = args.output or default_demo_output(args.preset, args.data)
+    results = run_demo(output, preset=args.preset, data=args.data, device=args.device, seed=args.seed,
                        progress=not args.no_progress, figures=not args.no_figures)
     _report(results, args.json)
     if not args.json:
-        print(f"\noutputs and figures in {args.output}/")
+        print(f"\noutputs and figures in {output}/")
     return 0
 
 
@@ -204,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", cmd_demo, "train the independent baselines and DeepAtlas (one-shot) on embedded data, "
                                      "print the comparison, write outputs and figures")
-    demo.add_argument("--output", type=Path, default=Path("deepatlas-demo"), help="output folder")
+    demo.add_argument("--output", type=Path, help="output folder (default: deepatlas-demo, or with --quick, --long, "
+                                                  "another preset or --data mni: deepatlas-demo-quick, ...)")
     speed = demo.add_mutually_exclusive_group()
     speed.add_argument("--quick", dest="preset", action="store_const", const="quick",
                        help="under a minute on a 2-core CPU (a smoke test, not real results)")
