@@ -1,0 +1,62 @@
+"""What every op must do on every device: the 64-bit index path gives the 32-bit path's results, and an empty batch
+or channel dimension gives the right shapes without running a kernel. CPU always; CUDA marked (skipped without a
+GPU)."""
+
+import pytest
+import torch
+from helpers import random_ddf, random_grid
+
+import deepatlas_cuda as da
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _every_op_with_gradients(image, ddf, labels, target):
+    """Outputs and gradients of every op on the same inputs, for comparing two runs of the kernels."""
+    i, u = image.clone().requires_grad_(), ddf.clone().requires_grad_()
+    out = da.warp(i, u, "bilinear", "reflection")
+    results = [out, *torch.autograd.grad(out.square().sum(), (i, u)), da.warp_labels(labels, ddf, padding_value=2)]
+    u = ddf.clone().requires_grad_()
+    soft = da.warp_labels(labels, u, "soft", num_classes=4)
+    results += [soft, *torch.autograd.grad(soft.square().sum(), u)]
+    u = ddf.clone().requires_grad_()
+    dice = da.warped_dice(labels, u, target, num_classes=4)
+    results += [dice, *torch.autograd.grad(dice.sum(), u)]
+    u = ddf.clone().requires_grad_()
+    det = da.jacobian_det(u, (1.0, 0.5, 2.0))
+    return results + [det, *torch.autograd.grad(det.square().sum(), u)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forced_64_bit_indexing_every_op(monkeypatch, device):
+    """The 64-bit index path of every kernel, forward and backward, against the 32-bit one: bit-identical on the
+    CPU; on CUDA atomic sums may add in another order (a float32 rounding apart)."""
+    image, ddf = torch.randn(2, 3, 5, 6, 7, device=device), random_ddf(2, 5, 6, 7, device=device)
+    labels = torch.randint(0, 4, (2, 1, 5, 6, 7), dtype=torch.int16, device=device)
+    target = torch.randint(0, 4, (2, 1, 5, 6, 7), dtype=torch.int16, device=device)
+    expected = _every_op_with_gradients(image, ddf, labels, target)
+    monkeypatch.setenv("DEEPATLAS_FORCE_INDEX64", "1")
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cuda" else dict(rtol=0, atol=0)
+    for got, want in zip(_every_op_with_gradients(image, ddf, labels, target), expected, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n, c", [(0, 2), (2, 0)])
+def test_empty_batch_and_channels(n, c, device):
+    """Nothing to compute launches no kernel (on CUDA a launch with zero blocks is an error) and still gives the
+    right shapes and zero gradients."""
+    input = torch.randn(n, c, 3, 4, 5, device=device, requires_grad=True)
+    grid = random_grid(n, 2, 2, 2, device=device).requires_grad_()
+    out = da.grid_sample(input, grid)
+    assert out.shape == (n, c, 2, 2, 2)
+    out.sum().backward()
+    assert input.grad.shape == input.shape and grid.grad.shape == grid.shape and torch.all(grid.grad == 0)
+    ddf = random_ddf(n, 3, 4, 5, device=device).requires_grad_()
+    moved = da.warp(input.detach(), ddf)
+    assert moved.shape == (n, c, 3, 4, 5)
+    (grad_ddf,) = torch.autograd.grad(moved.sum(), ddf, allow_unused=True)
+    assert grad_ddf is None or torch.all(grad_ddf == 0)
+    assert da.jacobian_det(ddf.detach()).shape == (n, 1, 3, 4, 5)
+    labels = torch.randint(0, 3, (n, 1, 3, 4, 5), device=device)
+    assert da.warp_labels(labels, ddf.detach(), "soft", num_classes=3).shape == (n, 3, 3, 4, 5)
