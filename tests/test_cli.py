@@ -149,6 +149,52 @@ def test_evaluate_reproduces_the_training_runs_numbers(compared, capsys):
                 assert row[key] == pytest.approx(trained[row["method"]][key], abs=1e-6)
 
 
+def _edited_model(model, folder, **config_changes):
+    """A copy of a trained model.pt, in ``folder``, whose stored config differs in ``config_changes``."""
+    from deepatlas.checkpoint import load_checkpoint, save_checkpoint
+    state = load_checkpoint(model)
+    state["config"].update(config_changes)
+    save_checkpoint(folder / "model.pt", state)
+    return folder
+
+
+def test_evaluate_a_segmentation_model_with_one_test_image(compared, capsys, tmp_path):
+    """As training's own evaluation: one test image is enough for segmentation Dice (a pair for registration)."""
+    from deepatlas.inference import evaluate_runs
+    output, _ = compared
+    seg_only = _edited_model(output / "seg_only" / "model.pt", tmp_path / "a", num_test=1)
+    (row,) = run_json(capsys, ["evaluate", str(seg_only), "--json"])["results"]
+    assert row["method"] == "seg_only" and 0 < row["seg_dice"] <= 1
+    joint = _edited_model(output / "joint" / "model.pt", tmp_path / "b", num_test=1)
+    (row,) = run_json(capsys, ["evaluate", str(joint), "--json"])["results"]
+    assert 0 < row["seg_dice"] <= 1 and row["reg_dice"] is None
+    reg_only = _edited_model(output / "reg_only" / "model.pt", tmp_path / "c", num_test=1)
+    with pytest.raises(ValueError, match="1 labelled test image.*evaluating reg_only needs 2"):
+        evaluate_runs(reg_only)
+
+
+def test_a_model_trained_under_fp16_on_a_gpu_loads_on_the_cpu(compared, tmp_path):
+    """fp16 autocast needs CUDA for training; inference runs in float32 and must load such a model anywhere."""
+    from deepatlas.inference import load_model
+    output, _ = compared
+    model = load_model(_edited_model(output / "joint" / "model.pt", tmp_path, amp="fp16", device="cuda"), "cpu")
+    assert model.seg_net(torch.rand(1, 1, *TINY["shape"])).dtype == torch.float32
+    assert model.config.amp == "none" and model.device == torch.device("cpu")
+
+
+def test_label_map_inverse_keeps_background_and_the_smallest_merged_label():
+    """Outputs go back to the original label values; a map that folds labels into background (or merges two
+    labels into one class) writes background as 0 and a merged class as its smallest original label."""
+    from types import SimpleNamespace
+
+    from deepatlas.inference import _original_labels
+    classes = np.array([0, 1, 2, 0, 2])
+    label_map = {42: 0, 0: 0, 2: 1, 41: 2, 3: 0, 43: 2}
+    written = _original_labels(classes, SimpleNamespace(label_map=label_map))
+    np.testing.assert_array_equal(written, [0, 2, 41, 0, 41])
+    np.testing.assert_array_equal(_original_labels(classes, SimpleNamespace(label_map=None)), classes)
+
+
 def _write_subject(folder, name, seed, label=True):
     from deepatlas.data import save_nifti, synthetic_subjects
     subject = synthetic_subjects(1, shape=TINY["shape"], num_classes=4, seed=seed)[0]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepatlas.data import (LR_AXIS, Preprocess, Subject, load_dataset, load_folder, load_manifest, num_classes_of,
+from deepatlas.data import (Preprocess, Subject, left_right_axis, load_dataset, load_folder, load_manifest, num_classes_of,
                             save_nifti, stack_subjects, synthetic_subjects)
 from deepatlas.data import nifti as nifti_module
 
@@ -321,7 +321,30 @@ def test_reorientation_lps_to_ras(tmp_path):
     np.testing.assert_array_equal(subject.label, label)
     assert nib.aff2axcodes(subject.affine) == ("R", "A", "S")
     np.testing.assert_allclose(world(subject.affine, (0, 0, 0)), [0, 0, 0])
-    assert LR_AXIS == 0
+    assert left_right_axis([subject]) == 0
+
+
+@pytest.mark.parametrize("orientation, axis", [("RAS", 0), ("SAR", 2), ("PIL", 2), ("ALS", 1)])
+def test_left_right_axis_follows_the_orientation(tmp_path, orientation, axis):
+    """The flip augmentation's axis is the one that runs left-right after preprocessing, whatever the orientation
+    the data is reoriented to (or kept in, with orientation None)."""
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        save_nifti(tmp_path / "images" / f"{name}.nii.gz", rng.random((6, 7, 8)).astype(np.float32), np.eye(4))
+    kept = Preprocess(orientation=None, percentiles=None, divisible_by=None)
+    assert left_right_axis(load_folder(tmp_path, preprocess=kept)) == 0
+    subjects = load_folder(tmp_path, preprocess=Preprocess(orientation=orientation, percentiles=None,
+                                                           divisible_by=None))
+    assert "".join(nib.aff2axcodes(subjects[0].affine)) == orientation
+    assert left_right_axis(subjects) == axis
+
+
+def test_left_right_axis_refuses_mixed_orientations():
+    image = np.zeros((4, 4, 4), np.float32)
+    swapped = np.eye(4)[[1, 0, 2, 3]]  # axis 0 runs anterior-posterior, axis 1 left-right
+    subjects = [Subject("a", image, None, np.eye(4)), Subject("b", image, None, swapped)]
+    with pytest.raises(ValueError, match="left-right in every training image.*flip: false"):
+        left_right_axis(subjects)
 
 
 def test_resampling_to_spacing_and_shape():

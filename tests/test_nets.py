@@ -91,6 +91,22 @@ def test_svf_network_integrates_its_velocity():
     torch.testing.assert_close(ddf, expected.expand_as(ddf), atol=1e-3, rtol=0)
 
 
+def test_svf_integrates_in_float32_under_autocast():
+    """Under autocast the velocity comes out of the last convolution in bfloat16; the scaling and squaring still
+    runs in float32 (the CPU ops take no bfloat16)."""
+    net = RegistrationNet(**SMALL_REG, svf=True, integration_steps=4)
+    with torch.no_grad():
+        net.flow.weight.normal_(0, 0.1)
+        moving, fixed = images(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ddf = net(moving, fixed)
+        net.svf = False  # the same network's velocity, not integrated
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            field = net(moving, fixed)
+    assert field.dtype == torch.bfloat16 and ddf.dtype == torch.float32
+    torch.testing.assert_close(ddf, integrate_velocity(field.float(), 4))
+
+
 @pytest.mark.parametrize("svf", [False, True])
 def test_registration_checkpointing_matches(svf):
     plain = RegistrationNet(**SMALL_REG, svf=svf, integration_steps=3).double()

@@ -19,7 +19,8 @@ from deepatlas.checkpoint import CheckpointError, atomic_write, load_checkpoint,
 from deepatlas.config import TrainConfig
 from deepatlas.distributed import end_process_group
 from deepatlas.divergence import DivergenceGuard
-from deepatlas.pairs import draw_batch, draw_indices, step_generator
+from deepatlas import losses
+from deepatlas.pairs import draw_batch, draw_indices, make_batch, step_generator
 from deepatlas.schedule import REG, SEG_JOINT, SEG_SUPERVISED, phases, step_at, total_steps
 from deepatlas.trainer import LATEST, Trainer
 from training_helpers import replace, state_of, tiny_config, tiny_volumes
@@ -170,6 +171,18 @@ def test_resume_equals_uninterrupted_training(tmp_path):
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) != []
     strip = (lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "peak_mem_mb")} for r in rows])
     assert strip(full.metrics) == strip(resumed.metrics)
+
+
+@pytest.mark.cuda
+def test_resume_on_cuda(tmp_path):
+    """The checkpoint is loaded onto the training device; the CPU random state in it must go back to the CPU."""
+    config = tiny_config(tmp_path, device="cuda")
+    volumes = tiny_volumes(config)
+    Trainer(config, volumes, config.num_classes, progress=False).fit(stop_at=10)
+    resumed = Trainer(config, volumes, config.num_classes, progress=False)
+    assert resumed.resume() and resumed.step == 10
+    resumed.fit()
+    assert resumed.step == total_steps(config)
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -556,3 +569,39 @@ def test_end_process_group_frees_what_a_failed_runs_frames_held(tmp_path):
         end_process_group(error.__traceback__)
         assert held[0]() is None
     assert not torch.distributed.is_initialized()
+
+
+def test_logged_registration_dice_is_the_mean_over_the_pairs_used(tmp_path):
+    """With manual labels only (reg_anatomy), a pair without both label maps adds nothing to the anatomy term; the
+    logged Dice is the mean soft Dice of the pairs that have them, not diluted by the others."""
+    config = tiny_config(tmp_path, method="reg_anatomy", batch_size=2)
+    trainer = Trainer(config, tiny_volumes(config, labelled=2), config.num_classes, progress=False)
+    batch = make_batch(trainer.volumes, torch.tensor([[0, 1], [2, 3]]), torch.zeros(2, dtype=torch.bool), 0)
+    loss, parts = trainer.losses.registration(trainer.models, batch, "manual")
+    with torch.no_grad():
+        ddf = trainer.reg_module(batch.moving, batch.fixed)
+        only_pair = losses.anatomy_loss(batch.moving_labels[:1], ddf[:1], batch.fixed_labels[:1], 4).item()
+    assert parts["dice"] == pytest.approx(1 - only_pair, abs=1e-6)
+    assert parts["anatomy"] == pytest.approx(only_pair / 2, abs=1e-6)  # the loss term: a share of the batch mean
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    """Checkpoints, metrics, NIfTI outputs and figures are written to a temporary file and renamed; they must
+    still get 0666 less the umask (others can read a run's results), not the temporary file's 0600."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from deepatlas.data import save_nifti
+    from deepatlas.figures import save_figure
+    previous = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "c.pt", {"x": torch.ones(2)})
+        atomic_write(tmp_path / "m.json", lambda handle: handle.write(b"[]"))
+        save_nifti(tmp_path / "v.nii.gz", np.zeros((2, 2, 2), np.float32), np.eye(4))
+        save_figure(Figure(), tmp_path / "f.png")
+        (tmp_path / "plain.txt").write_text("")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["c.pt", "m.json", "v.nii.gz", "f.png", "plain.txt"], 0o666 & ~umask)

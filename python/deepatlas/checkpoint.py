@@ -16,13 +16,40 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file and the cause."""
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temporary_file(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """(descriptor, name) of a new temporary file next to ``path``, to be renamed onto it: with the permissions a
+    plain ``open`` would give (0666 less the umask), not ``mkstemp``'s owner-only 0600, which ``os.replace`` keeps."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(file_object)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it onto
     ``path`` (and fsync the folder). On any failure the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temporary_file(path)
     except OSError as error:
         raise CheckpointError(f"cannot write {path}: {_describe(error)}") from error
     try:

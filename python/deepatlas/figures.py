@@ -16,7 +16,6 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 
 import numpy as np
 from matplotlib import colormaps
@@ -25,6 +24,8 @@ from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+
+from .checkpoint import atomic_write
 
 __all__ = [
     "plot_curves",
@@ -170,19 +171,9 @@ def save_figure(fig, path):
     (PNG when there is none). If pyplot manages the figure it is closed there too. Returns ``path``.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write(path, lambda handle: fig.savefig(handle, format=fmt))
     finally:
         pyplot = sys.modules.get("matplotlib.pyplot")
         if pyplot is not None:

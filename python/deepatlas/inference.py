@@ -34,7 +34,8 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     if path.is_dir():
         path = path / MODEL
     state = load_checkpoint(path, map_location=device)
-    config = replace(TrainConfig.from_dict(state["config"]), device=device)
+    # Inference runs the networks in float32: a model trained under fp16 autocast on a GPU loads on the CPU too.
+    config = replace(TrainConfig.from_dict(state["config"]), device=device, amp="none")
     reg, seg = build_networks(config, state["num_classes"])
     reg.load_state_dict(state["reg_net"])
     seg.load_state_dict(state["seg_net"])
@@ -71,11 +72,14 @@ def evaluate_runs(run: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
             datasets[key] = prepare_data(cfg)
         dataset = datasets[key]
         images, labels = dataset.test_images.to(model.device), dataset.test_labels.to(model.device)
-        if images.shape[0] < 2:
-            raise ValueError(f"{path}: its data has {images.shape[0]} labelled test image(s); evaluation needs 2")
+        # As training's own evaluation (run.run_method): registration Dice needs a pair, segmentation one image.
+        needed = 1 if cfg.method in TRAINS_SEGMENTATION else 2
+        if images.shape[0] < needed:
+            raise ValueError(f"{path}: its data has {images.shape[0]} labelled test image(s); evaluating "
+                             f"{cfg.method} needs {needed}")
         result: dict[str, Any] = {"method": cfg.method, "reg_dice": None, "seg_dice": None, "folding_pct": None,
                                   "std_log_det": None, "seconds": None, "peak_mem_mb": None}
-        if cfg.method in TRAINS_REGISTRATION:
+        if cfg.method in TRAINS_REGISTRATION and images.shape[0] >= 2:
             result.update(evaluate_registration(model.reg_net, images, labels, model.num_classes, cfg.eval_pairs))
         if cfg.method in TRAINS_SEGMENTATION:
             result.update(evaluate_segmentation(model.seg_net, images, labels, model.num_classes))
@@ -141,10 +145,12 @@ def segment_file(model_path: str | Path, image: Path, output: Path, device: str 
 
 
 def _original_labels(labels: np.ndarray, preprocess) -> np.ndarray:
-    """Map model classes 0..K-1 back to the original label values of the training data's label_map."""
+    """Map model classes 0..K-1 back to the original label values of the training data's label_map. A class that
+    several original labels were merged into is written as the smallest of them (so background, which a map may
+    fold other labels into, stays 0 when 0 maps to 0)."""
     if not preprocess.label_map:
         return labels
     inverse = np.zeros(max(preprocess.label_map.values()) + 1, dtype=np.int64)
-    for original, new in preprocess.label_map.items():
+    for original, new in sorted(preprocess.label_map.items(), reverse=True):
         inverse[new] = original
     return inverse[labels]

@@ -151,7 +151,12 @@ class RegistrationNet(_Checkpointed):
         for block in self.refine:
             x = self._run(block, x)
         field = self._run(self.flow, x)
-        return integrate_velocity(field, self.integration_steps) if self.svf else field
+        if not self.svf:
+            return field
+        if field.dtype in (torch.float16, torch.bfloat16):  # autocast: integrate in float32, as every op runs
+            field = field.float()
+        with torch.autocast(field.device.type, enabled=False):
+            return integrate_velocity(field, self.integration_steps)
 
 
 _NORMS = {"batch": nn.BatchNorm3d, "instance": lambda channels: nn.InstanceNorm3d(channels, affine=True)}

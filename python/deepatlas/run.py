@@ -64,8 +64,8 @@ def prepare_data(config: TrainConfig) -> Dataset:
     else:
         test_images = images.new_empty((0, *images.shape[1:]))
         test_labels = labels.new_empty((0, *labels.shape[1:]))
-    return Dataset(Volumes(images, labels, labelled), test_images, test_labels, num_classes, data.LR_AXIS,
-                   train, test)
+    lr_axis = data.left_right_axis(train) if config.flip else 0  # 0: unused without flips
+    return Dataset(Volumes(images, labels, labelled), test_images, test_labels, num_classes, lr_axis, train, test)
 
 
 def preprocess_of(config: TrainConfig):

@@ -81,14 +81,16 @@ class StepLosses:
             if used:
                 loss = loss + cfg.registration_anatomy_weight * anatomy_loss
                 parts["anatomy"] = anatomy_loss.item()
-                parts["dice"] = 1.0 - parts["anatomy"]
+                parts["dice"] = 1.0 - parts["anatomy"] * ddf.shape[0] / used  # mean soft Dice of the pairs used
         parts["loss"] = loss.item()
         return loss, parts
 
     def _registration_anatomy(self, seg_module: nn.Module, batch: Batch, ddf: Tensor,
-                              mode: str) -> tuple[Tensor, bool]:
-        """Mean anatomy loss over the pairs (zero for pairs without usable labels in "manual" mode)."""
-        total, used = ddf.new_zeros(()), False
+                              mode: str) -> tuple[Tensor, int]:
+        """Anatomy loss summed over the pairs with usable labels, divided by the batch size (pairs without count as
+        zero: a process's share of the global batch's mean, which keeps DDP equal to one process), and the number
+        of pairs used."""
+        total, used = ddf.new_zeros(()), 0
         for b in range(ddf.shape[0]):
             moving_ok, fixed_ok = bool(batch.moving_labelled[b]), bool(batch.fixed_labelled[b])
             if mode == "manual" and not (moving_ok and fixed_ok):
@@ -98,7 +100,7 @@ class StepLosses:
             source = batch.moving_labels[b:b + 1] if moving_ok else self._stand_in(seg_module, batch.moving[b:b + 1])
             target = batch.fixed_labels[b:b + 1] if fixed_ok else self._stand_in(seg_module, batch.fixed[b:b + 1])
             total = total + losses.anatomy_loss(source, ddf[b:b + 1], target, self.num_classes)
-            used = True
+            used += 1
         return total / ddf.shape[0], used
 
     def _stand_in(self, seg_module: nn.Module, image: Tensor) -> Tensor:

@@ -115,7 +115,7 @@ class Trainer:
         self.reg_opt.load_state_dict(state["reg_opt"])
         self.seg_opt.load_state_dict(state["seg_opt"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())  # loaded onto the training device (map_location)
         self.step = int(state["step"])
         self.metrics = list(state["metrics"])
 

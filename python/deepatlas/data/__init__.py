@@ -10,11 +10,11 @@ from pathlib import Path
 
 from .nifti import load_folder, load_manifest, save_nifti
 from .preprocess import Preprocess
-from .subject import LR_AXIS, Subject, num_classes_of, stack_subjects
+from .subject import Subject, left_right_axis, num_classes_of, stack_subjects
 from .synthetic import synthetic_subjects
 
-__all__ = ["LR_AXIS", "Preprocess", "Subject", "load_dataset", "load_folder", "load_manifest", "num_classes_of",
-           "save_nifti", "stack_subjects", "synthetic_subjects"]
+__all__ = ["Preprocess", "Subject", "left_right_axis", "load_dataset", "load_folder", "load_manifest",
+           "num_classes_of", "save_nifti", "stack_subjects", "synthetic_subjects"]
 
 
 def load_dataset(source: str, **kwargs) -> list[Subject]:

@@ -11,7 +11,6 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import nibabel as nib
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from ..checkpoint import temporary_file
 from .preprocess import Preprocess, normalise_intensity
 from .subject import SPLITS, Subject
 
@@ -55,7 +55,7 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, h
     image.set_qform(affine, code="scanner")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    handle, temporary = temporary_file(path, suffix)
     os.close(handle)
     try:
         nib.save(image, temporary)
@@ -158,7 +158,7 @@ def load_cached(entry: Entry, preprocess: Preprocess | None, cache_dir: Path | N
         return Subject(entry.name, image, label, affine, entry.split, header)
     subject = load_entry(entry, preprocess)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=cache_dir)
+    handle, temporary = temporary_file(target, ".npz")
     try:
         with os.fdopen(handle, "wb") as stream:
             np.savez(stream, image=subject.image, affine=subject.affine, labelled=subject.labelled,

@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 
 SPLITS = ("train", "val", "test")
 
-LR_AXIS = 0
-"""After RAS reorientation the left-right axis is array axis 0 (D); the trainer flips this axis for augmentation."""
 
 
 @dataclass
@@ -62,6 +61,20 @@ def stack_subjects(subjects: Sequence[Subject]) -> tuple[torch.Tensor, torch.Ten
                        for s in subjects])[:, None]
     labelled = torch.tensor([s.labelled for s in subjects], dtype=torch.bool)
     return torch.from_numpy(images), torch.from_numpy(labels), labelled
+
+
+def left_right_axis(subjects: Sequence[Subject]) -> int:
+    """The array axis (0, 1, 2 of D, H, W) that runs left-right in every subject, by its affine (axis 0 after the
+    default RAS reorientation); the trainer flips it for augmentation. ValueError when the subjects disagree or
+    none of their axes is (nearest to) left-right."""
+    codes = [nib.aff2axcodes(s.affine) for s in subjects]
+    axes = {next((axis for axis, code in enumerate(c) if code in ("L", "R")), None) for c in codes}
+    if len(axes) != 1 or None in axes:
+        found = sorted({"".join(str(code) for code in c) for c in codes})
+        raise ValueError(f"no array axis runs left-right in every training image (orientations {found}): reorient "
+                         f"them to one orientation (Preprocess.orientation, default RAS) or turn flips off "
+                         f"(flip: false)")
+    return axes.pop()
 
 
 def num_classes_of(subjects: Sequence[Subject]) -> int:
