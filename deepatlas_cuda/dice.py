@@ -3,11 +3,14 @@ probability source) and a target, without ever building the warped K-channel vol
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
+from ._autodiff import forbid_double_backward, reject_forward_ad
 from ._loader import REBUILD_HINT, STATE
-from .labels import _LABEL_DTYPES, _check
+from .labels import _LABEL_DTYPES, _check, _is_int
 
 _OP = "deepatlas_cuda.warped_dice"
 
@@ -47,27 +50,32 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
                              f"channels")
         num_classes = source.shape[1]
     else:
-        _check(source, ddf)
+        _check(source, ddf, _OP, "source")
     target_is_labels = target.dtype in _LABEL_DTYPES
-    if num_classes is None:
-        if target_is_labels:
-            raise ValueError(f"{_OP}: num_classes is required when the target is a label map")
-        num_classes = target.shape[1] if target.dim() == 5 else -1
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"{_OP}: num_classes must be a positive int, got {num_classes!r}")
     if target.dim() != 5 or target.shape[0] != ddf.shape[0] or target.shape[2:] != ddf.shape[2:]:
         raise ValueError(f"{_OP}: target must be [N, 1 or K, D, H, W] matching ddf {tuple(ddf.shape)}, got "
                          f"{tuple(target.shape)}")
+    if num_classes is None:
+        if target_is_labels:
+            raise ValueError(f"{_OP}: num_classes is required when the target is a label map")
+        num_classes = target.shape[1]
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"{_OP}: num_classes must be a positive int, got {num_classes!r}")
+    num_classes = int(num_classes)
     if target_is_labels:
         if target.shape[1] != 1:
             raise ValueError(f"{_OP}: label targets must be [N, 1, D, H, W], got {tuple(target.shape)}")
-        if not probability_source:
+        if not probability_source and target.dtype != source.dtype:
+            _check_label_range(target, num_classes)  # before the cast, which could wrap a value into range
             target = target.to(source.dtype)
     elif target.dtype != ddf.dtype or target.shape[1] != num_classes:
         raise ValueError(f"{_OP}: probability targets must be [N, num_classes={num_classes}, D, H, W] in the ddf's "
                          f"dtype {ddf.dtype}, got {tuple(target.shape)} {target.dtype}")
     if target.device != ddf.device:
         raise ValueError(f"{_OP}: target must be on {ddf.device}, got {target.device}")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{_OP}: eps must be a number >= 0, got {eps!r}")
+    reject_forward_ad(_OP, source, ddf, target)
     if _FORCE_UNFUSED or (ddf.is_cuda and torch.are_deterministic_algorithms_enabled()):
         sums = _unfused_sums(source, ddf, target, num_classes, probability_source, target_is_labels)
     else:
@@ -75,6 +83,13 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
     intersection, source_sum, target_sum = sums.unbind(1)
     dice = ((2 * intersection + eps) / (source_sum + target_sum + eps)).to(ddf.dtype)
     return dice if include_background else dice[:, 1:]
+
+
+def _check_label_range(labels: Tensor, num_classes: int) -> None:
+    low, high = (int(v) for v in torch.aminmax(labels)) if labels.numel() else (0, 0)
+    if low < 0 or high >= num_classes:
+        raise RuntimeError(f"{_OP}: target: label values must be in [0, num_classes) = [0, {num_classes}), found "
+                           f"values in [{low}, {high}]")
 
 
 # Tests set this to run the unfused path on the CPU, where it is otherwise never taken.
@@ -93,10 +108,7 @@ def _unfused_sums(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int,
     else:
         warped = warp_labels(source, ddf, mode="soft", num_classes=num_classes)
     if target_is_labels:
-        low, high = (int(v) for v in torch.aminmax(target)) if target.numel() else (0, 0)
-        if low < 0 or high >= num_classes:
-            raise RuntimeError(f"deepatlas.warped_dice: target: label values must be in [0, num_classes) = "
-                               f"[0, {num_classes}), found values in [{low}, {high}]")
+        _check_label_range(target, num_classes)
         target = torch.nn.functional.one_hot(target[:, 0].long(), num_classes).movedim(-1, 1).to(warped.dtype)
     dims = (2, 3, 4)
     return torch.stack([(warped * target).sum(dims, dtype=torch.float64), warped.sum(dims, dtype=torch.float64),
@@ -155,3 +167,4 @@ def _sums_backward(ctx, grad_sums):
 
 
 torch.library.register_autograd("deepatlas::warped_dice_sums", _sums_backward, setup_context=_sums_setup)
+forbid_double_backward(_OP, "warped_dice_sums_backward")

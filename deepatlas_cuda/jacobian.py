@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from ._autodiff import forbid_double_backward, reject_forward_ad
 from ._loader import REBUILD_HINT, STATE
 
 _SCHEMES = {"central": 0, "forward": 1, "backward": 2}
@@ -23,12 +26,18 @@ def _check(ddf: Tensor, spacing, op: str) -> list[float]:
         raise TypeError(f"{op}: ddf must be float32 or float64, got {ddf.dtype}")
     if ddf.is_cuda and not STATE.cuda_loaded:
         raise RuntimeError(f"{op}: this deepatlas_cuda build has no CUDA kernels; {REBUILD_HINT}")
-    if isinstance(spacing, (int, float)):
+    if _is_number(spacing):
         spacing = (spacing,) * 3
     if not isinstance(spacing, Sequence) or len(spacing) != 3 or not all(
-            isinstance(s, (int, float)) and s > 0 for s in spacing):
-        raise ValueError(f"{op}: spacing must be three positive numbers (D, H, W), got {spacing!r}")
+            _is_number(s) and 0 < s < math.inf for s in spacing):
+        raise ValueError(f"{op}: spacing must be three positive finite numbers (D, H, W), got {spacing!r}")
+    reject_forward_ad(op, ddf)
     return [float(s) for s in spacing]
+
+
+def _is_number(value) -> bool:
+    """A Python or numpy real number (e.g. nibabel's get_zooms()), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def jacobian_det(ddf: Tensor, spacing=(1.0, 1.0, 1.0), scheme: str = "central") -> Tensor:
@@ -100,3 +109,4 @@ def _det_backward(ctx, grad_output):
 
 
 torch.library.register_autograd("deepatlas::jacobian_det", _det_backward, setup_context=_det_setup)
+forbid_double_backward(_OP, "jacobian_det_backward")

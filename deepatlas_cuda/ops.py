@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._autodiff import forbid_double_backward, reject_forward_ad
 from ._loader import REBUILD_HINT, STATE
 
 _INTERPOLATION = {"bilinear": 0, "nearest": 1}
@@ -58,8 +59,9 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
 
     5-D input ``[N, C, D, H, W]`` with grid ``[N, D', H', W', 3]`` (x, y, z = W, H, D, in [-1, 1]) runs the
     deepatlas kernels, returning ``[N, C, D', H', W']``; modes ``bilinear`` and ``nearest``; padding ``zeros``,
-    ``border`` and ``reflection``. Other inputs (4-D, bicubic) are handed to torch unchanged. A grid location that
-    is NaN or infinite samples 0 and gets gradient 0.
+    ``border`` and ``reflection``. Other inputs (4-D, bicubic) are handed to torch unchanged. A NaN grid location
+    samples 0 and gets gradient 0; an infinite one is clamped to the edge with ``border`` padding and samples 0
+    otherwise.
     """
     if not isinstance(input, Tensor) or input.dim() != 5 or mode == "bicubic":
         return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
@@ -73,6 +75,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     if grid.shape[0] != input.shape[0]:
         raise ValueError(f"{op}: grid batch size {grid.shape[0]} must equal input batch size {input.shape[0]}")
     _check_pair(input, grid, ("input", "grid"), op)
+    reject_forward_ad(op, input, grid)
     return torch.ops.deepatlas.grid_sample_3d(input, grid, interpolation, padding, bool(align_corners))
 
 
@@ -99,6 +102,7 @@ def warp(image: Tensor, ddf: Tensor, mode: str = "bilinear", padding_mode: str =
         raise ValueError(f"{op}: image batch size {image.shape[0]} must be 1 or equal the ddf batch size "
                          f"{ddf.shape[0]}")
     _check_pair(image, ddf, ("image", "ddf"), op)
+    reject_forward_ad(op, image, ddf)
     return torch.ops.deepatlas.warp(image, ddf, interpolation, padding)
 
 
@@ -162,3 +166,5 @@ def _warp_backward(ctx, grad_output):
 
 torch.library.register_autograd("deepatlas::grid_sample_3d", _grid_sample_backward, setup_context=_setup_sample)
 torch.library.register_autograd("deepatlas::warp", _warp_backward, setup_context=_setup_sample)
+forbid_double_backward("deepatlas_cuda.grid_sample", "grid_sample_3d_backward")
+forbid_double_backward("deepatlas_cuda.warp", "warp_backward")

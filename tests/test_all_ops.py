@@ -60,3 +60,44 @@ def test_empty_batch_and_channels(n, c, device):
     assert da.jacobian_det(ddf.detach()).shape == (n, 1, 3, 4, 5)
     labels = torch.randint(0, 3, (n, 1, 3, 4, 5), device=device)
     assert da.warp_labels(labels, ddf.detach(), "soft", num_classes=3).shape == (n, 3, 3, 4, 5)
+
+
+def _differentiable_calls():
+    """(name, fn(ddf) -> output) for every op with a gradient, on small random float64 inputs."""
+    image = torch.rand(1, 2, 5, 6, 7, dtype=torch.float64)
+    labels = torch.randint(0, 3, (1, 1, 5, 6, 7))
+    probabilities = torch.rand(1, 3, 5, 6, 7, dtype=torch.float64).softmax(1)
+    return [
+        ("warp", lambda u: da.warp(image, u)),
+        ("grid_sample", lambda u: da.grid_sample(image, u.permute(0, 2, 3, 4, 1) / 4)),
+        ("warp_labels", lambda u: da.warp_labels(labels, u, "soft", num_classes=3)),
+        ("warped_dice", lambda u: da.warped_dice(labels, u, labels, num_classes=3)),
+        ("warped_dice", lambda u: da.warped_dice(probabilities, u, probabilities)),
+        ("jacobian_det", lambda u: da.jacobian_det(u)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_double_backward_raises_instead_of_returning_zeros(index):
+    """The backward ops have no gradient of their own: differentiating a gradient again must raise, not give 0.
+    A create_graph=True backward that is not differentiated again still works."""
+    name, call = _differentiable_calls()[index]
+    ddf = random_ddf(1, 5, 6, 7, dtype=torch.float64).requires_grad_()
+    (grad,) = torch.autograd.grad(call(ddf).square().sum(), ddf, create_graph=True)
+    (plain,) = torch.autograd.grad(call(ddf).square().sum(), ddf)
+    torch.testing.assert_close(grad.detach(), plain, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match=f"deepatlas_cuda.{name}: double backward"):
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(index):
+    name, call = _differentiable_calls()[index]
+    ddf = random_ddf(1, 5, 6, 7, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=f"deepatlas_cuda.{name}: forward-mode AD"):
+        with torch.autograd.forward_ad.dual_level():
+            call(torch.autograd.forward_ad.make_dual(ddf, torch.randn_like(ddf)))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(call, (ddf,), (torch.randn_like(ddf),))
+    with torch.autograd.forward_ad.dual_level():  # plain tensors inside a dual level are fine
+        assert call(ddf).isfinite().all()

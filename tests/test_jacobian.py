@@ -219,14 +219,25 @@ def test_torch_compile_fullgraph():
     [
         (torch.zeros(1, 2, 4, 4, 4), {}, ValueError, r"ddf must be \[N, 3, D, H, W\]"),
         (torch.zeros(1, 3, 4, 4, 4, dtype=torch.int32), {}, TypeError, "float32 or float64"),
-        (torch.zeros(1, 3, 4, 4, 4), {"spacing": (1.0, 0.0, 1.0)}, ValueError, "three positive numbers"),
-        (torch.zeros(1, 3, 4, 4, 4), {"spacing": (1.0, 1.0)}, ValueError, "three positive numbers"),
+        (torch.zeros(1, 3, 4, 4, 4), {"spacing": (1.0, 0.0, 1.0)}, ValueError, "three positive finite numbers"),
+        (torch.zeros(1, 3, 4, 4, 4), {"spacing": (1.0, 1.0)}, ValueError, "three positive finite numbers"),
+        (torch.zeros(1, 3, 4, 4, 4), {"spacing": (True, True, True)}, ValueError, "positive finite numbers"),
+        (torch.zeros(1, 3, 4, 4, 4), {"spacing": (1.0, float("inf"), 1.0)}, ValueError, "finite numbers"),
         (torch.zeros(1, 3, 4, 4, 4), {"scheme": "upwind"}, ValueError, "scheme must be one of"),
     ],
 )
 def test_bad_arguments(ddf, kwargs, error, match):
     with pytest.raises(error, match=match):
         da.jacobian_det(ddf, **kwargs)
+
+
+def test_spacing_from_nibabel_numpy_scalars():
+    """nibabel's get_zooms() gives numpy float32 scalars: accepted as they are."""
+    import numpy as np
+    ddf = random_ddf(1, 4, 5, 6, scale=0.5)
+    zooms = (np.float32(1.5), np.float32(0.75), np.float64(2.0))
+    torch.testing.assert_close(da.jacobian_det(ddf, spacing=zooms), da.jacobian_det(ddf, spacing=(1.5, 0.75, 2.0)))
+    assert da.folding_stats(ddf, spacing=zooms)["num_folded"].shape == (1,)
 
 
 @pytest.mark.cuda

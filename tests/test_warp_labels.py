@@ -116,11 +116,24 @@ def test_out_of_range_labels_are_rejected(bad):
          "mode must be"),
         (torch.zeros(1, 1, 4, 4, 4, dtype=torch.uint8), torch.zeros(1, 3, 4, 4, 4), {"padding_value": 300},
          ValueError, "padding_value"),
+        (torch.zeros(1, 1, 4, 4, 4, dtype=torch.uint8), torch.zeros(1, 3, 4, 4, 4), {"padding_value": True},
+         ValueError, "padding_value"),
+        (torch.zeros(1, 1, 4, 4, 4, dtype=torch.long), torch.zeros(1, 3, 4, 4, 4),
+         {"mode": "soft", "num_classes": 2.0}, ValueError, "needs num_classes"),
     ],
 )
 def test_bad_arguments(labels, ddf, kwargs, error, match):
     with pytest.raises(error, match=match):
         da.warp_labels(labels, ddf, **kwargs)
+
+
+def test_numpy_integers_are_accepted():
+    import numpy as np
+    labels, ddf = random_labels(1, 4, 5, 3, 4), random_ddf(1, 4, 5, 3)
+    torch.testing.assert_close(da.warp_labels(labels, ddf, padding_value=np.int64(2)),
+                               da.warp_labels(labels, ddf, padding_value=2))
+    torch.testing.assert_close(da.warp_labels(labels, ddf, "soft", num_classes=np.int32(4)),
+                               da.warp_labels(labels, ddf, "soft", num_classes=4))
 
 
 def test_opcheck():

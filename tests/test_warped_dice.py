@@ -107,6 +107,17 @@ def test_bit_identical_across_thread_counts():
         ({"num_classes": None}, ValueError, "num_classes is required"),
         ({"target": torch.rand(1, 2, 4, 4, 4)}, ValueError, "probability targets must be"),
         ({"target": torch.zeros(1, 1, 4, 4, 5, dtype=torch.long)}, ValueError, "target must be"),
+        # a wider target dtype than the source's is checked before the cast (256 would wrap to 0 in uint8)
+        ({"target": torch.full((1, 1, 4, 4, 4), 256)}, RuntimeError, r"found values in \[256, 256\]"),
+        ({"source": labels(1, (4, 4, 4), 3, torch.int16), "target": torch.full((1, 1, 4, 4, 4), 65537,
+                                                                                  dtype=torch.int32)},
+         RuntimeError, "label values must be in"),
+        ({"source": torch.zeros(1, 2, 4, 4, 4, dtype=torch.long)}, ValueError,
+         r"warped_dice: source must be \[N, 1, D, H, W\]"),
+        ({"ddf": torch.zeros(1, 3, 4, 4, 5)}, ValueError, "warped_dice: source spatial shape"),
+        ({"num_classes": None, "source": torch.rand(1, 3, 4, 4, 4), "target": torch.rand(1, 3, 4, 4)},
+         ValueError, "warped_dice: target must be"),
+        ({"eps": -1.0}, ValueError, "eps must be a number >= 0"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
