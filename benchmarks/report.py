@@ -75,7 +75,7 @@ def machine_header(args, bandwidth: float) -> list[str]:
         f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"- torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}",
         f"- deepatlas_cuda {info['version']} loaded from: {info['loaded_from']} "
-        f"(cuda kernels: {info['cuda_kernels']})",
+        f"(cuda kernels: {info['cuda_kernels']}, CPU loops: {info['cpu_loops']})",
     ]
     if args.device == "cuda":
         lines.append(f"- GPU: {torch.cuda.get_device_name()}")

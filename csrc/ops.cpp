@@ -5,6 +5,8 @@
 //                padding 0 = zeros, 1 = border, 2 = reflection.
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+
 TORCH_LIBRARY(deepatlas, m) {
   // input [N, C, D, H, W], grid [N, D', H', W', 3] -> [N, C, D', H', W'] (torch.nn.functional.grid_sample).
   m.def("grid_sample_3d(Tensor input, Tensor grid, int interpolation, int padding, bool align_corners) -> Tensor");
@@ -33,4 +35,6 @@ TORCH_LIBRARY(deepatlas, m) {
   m.def(
       "warped_dice_sums_backward(Tensor grad_sums, Tensor source, Tensor ddf, Tensor target, int num_classes, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // "avx2" or "baseline": the instruction set of the CPU's flattened loops now (cpu/isa.h); for build_info().
+  m.def("cpu_loops() -> str", &deepatlas::cpu_loops);
 }

@@ -35,6 +35,8 @@ def build_info() -> dict:
         "cuda_arch_list": _STATE.config.get("cuda_arch_list", []),
         "debug": _STATE.config.get("debug", False),
         "native": _STATE.config.get("native", False),  # built with DEEPATLAS_NATIVE=1
+        # The CPU's row loops run their AVX2 copy ("avx2") or the build's own target ("baseline"): csrc/cpu/isa.h.
+        "cpu_loops": torch.ops.deepatlas.cpu_loops(),
         "loaded_from": _STATE.loaded_from,
         "libraries": list(_STATE.libraries),
         "openmp_threads": torch.get_num_threads(),

@@ -7,6 +7,7 @@ Environment switches:
   DEEPATLAS_DEBUG=1       -O0 -g host code, -G device code, assertions on
   DEEPATLAS_SANITIZE=1    CPU library only, with AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh)
   DEEPATLAS_NATIVE=1      CPU code for the building machine's own instruction set (-march=native; results unchanged)
+  DEEPATLAS_CPU_AVX2=0    no AVX2 copy of the CPU loops (default: one, chosen at run time; csrc/cpu/isa.h)
   CUDA_HOME               toolkit root (default: found from nvcc, following wrapper scripts)
 
 This file must not import the package (setup.py loads it by path) and imports torch lazily.
@@ -214,9 +215,12 @@ def build_params(csrc: Path | None = None) -> BuildParams:
         opt = ["-O3", "-DNDEBUG", "-g0"]
     sanitizer = list(SANITIZE_FLAGS) if sanitize else []
     native = list(NATIVE_FLAGS) if os.environ.get("DEEPATLAS_NATIVE", "0") == "1" else []
+    # The AVX2 copies of the CPU loops cost about two thirds more host compile time; builds that only prove the
+    # build path (CI's wheel and JIT checks) leave them out.
+    avx2 = [] if os.environ.get("DEEPATLAS_CPU_AVX2", "1") != "0" else ["-DDEEPATLAS_NO_AVX2_COPIES"]
     # -fno-trapping-math: nothing here reads floating-point exception flags, and without it g++ turns the selects of
     # the sampler's coordinate code back into branches and does not vectorise the CPU row loops (cpu/sample_rows.h).
-    cxx = ["-fopenmp", "-fno-trapping-math", *opt, *native, *sanitizer]
+    cxx = ["-fopenmp", "-fno-trapping-math", *opt, *native, *avx2, *sanitizer]
     nvcc = ["-G", "-g"] if debug else ["-O3", "-DNDEBUG", "-lineinfo"]
     return BuildParams(
         csrc=csrc,

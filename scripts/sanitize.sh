@@ -47,5 +47,6 @@ echo "== running the op and fuzz tests under the sanitizers"
 # --capture=sys leaves file descriptor 2 alone, so a report reaches the terminal before the process aborts.
 LD_PRELOAD="$ASAN_PRELOAD" "$PY" -m pytest -q -p no:cacheprovider --capture=sys \
   tests/test_grid_sample.py tests/test_warp.py tests/test_warp_labels.py tests/test_jacobian.py \
-  tests/test_warped_dice.py tests/test_all_ops.py tests/test_fuzz.py tests/test_thread_safety.py "$@"
+  tests/test_warped_dice.py tests/test_all_ops.py tests/test_cpu_row_loops.py tests/test_fuzz.py \
+  tests/test_thread_safety.py "$@"
 echo "== no sanitizer reports"

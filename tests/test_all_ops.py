@@ -41,6 +41,34 @@ def test_forced_64_bit_indexing_every_op(monkeypatch, device):
         torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_avx2_copies_equal_the_baseline_every_op(monkeypatch, dtype):
+    """The AVX2 copies of the CPU loops (csrc/cpu/isa.h) against the SSE2 baseline copies: bit-identical, forward
+    and backward, trilinear (row loops, rows of two full 32-point chunks and a remainder) and nearest."""
+    monkeypatch.setenv("DEEPATLAS_CPU_BASELINE", "0")
+    if da.build_info()["cpu_loops"] != "avx2":
+        pytest.skip("no AVX2 copy of the loops here (a CPU without AVX2, DEEPATLAS_NATIVE=1, or not g++ on x86-64)")
+    image, ddf = torch.randn(2, 3, 5, 6, 75, dtype=dtype), random_ddf(2, 5, 6, 75, dtype=dtype)
+    labels = torch.randint(0, 4, (2, 1, 5, 6, 75), dtype=torch.int16)
+    target = torch.randint(0, 4, (2, 1, 5, 6, 75), dtype=torch.int16)
+    grid = random_grid(2, 4, 5, 70, dtype=dtype)
+
+    def run():
+        results = _every_op_with_gradients(image, ddf, labels, target)
+        i, g = image.clone().requires_grad_(), grid.clone().requires_grad_()
+        out = da.grid_sample(i, g, padding_mode="border")
+        results += [out, *torch.autograd.grad(out.square().sum(), (i, g))]
+        out = da.grid_sample(i, grid, mode="nearest", padding_mode="border")  # no grid gradient: it is zero
+        return results + [out, *torch.autograd.grad(out.square().sum(), i)]
+
+    avx2 = run()
+    monkeypatch.setenv("DEEPATLAS_CPU_BASELINE", "1")
+    assert da.build_info()["cpu_loops"] == "baseline"
+    for got, want in zip(avx2, run(), strict=True):
+        assert torch.equal(got, want), f"max difference {(got - want).abs().max().item()}"
+        assert got.abs().sum() > 0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n, c", [(0, 2), (2, 0)])
 def test_empty_batch_and_channels(n, c, device):

@@ -24,6 +24,9 @@ def test_build_info_reports_the_build():
     assert info["loaded_from"] in ("prebuilt", "jit")
     assert info["openmp_threads"] == torch.get_num_threads()
     assert isinstance(info["native"], bool)
+    assert info["cpu_loops"] in ("avx2", "baseline")
+    if info["native"]:
+        assert info["cpu_loops"] == "baseline"  # the build's own -march=native: no second copy
     assert all(Path(p).exists() for p in info["libraries"])
     if info["cuda_kernels"]:
         assert info["cuda_version"] and info["cuda_arch_list"]
@@ -115,6 +118,18 @@ def test_native_build_targets_this_cpu_without_contracting_to_fma(tmp_path, monk
     assert set(default.cxx_flags) <= set(native.cxx_flags)
     assert _loader.cache_key(native) != _loader.cache_key(default)
     assert native.config()["native"] is True and default.config()["native"] is False
+
+
+def test_cpu_avx2_switch_leaves_the_copies_out(tmp_path, monkeypatch):
+    """DEEPATLAS_CPU_AVX2=0 builds without the AVX2 copies of the CPU loops (csrc/cpu/isa.h): another library."""
+    (tmp_path / "ops.cpp").write_text("// one\n")
+    monkeypatch.setenv("DEEPATLAS_CUDA", "0")
+    monkeypatch.delenv("DEEPATLAS_CPU_AVX2", raising=False)
+    default = _build.build_params(tmp_path)
+    monkeypatch.setenv("DEEPATLAS_CPU_AVX2", "0")
+    without = _build.build_params(tmp_path)
+    assert set(without.cxx_flags) - set(default.cxx_flags) == {"-DDEEPATLAS_NO_AVX2_COPIES"}
+    assert _loader.cache_key(without) != _loader.cache_key(default)
 
 
 def test_release_host_code_drops_the_debug_information_python_cflags_ask_for(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ points at a time, in two passes; DEEPATLAS_CPU_PER_POINT=1 makes it call the per
 deepatlas/warp.h instead, the code the CUDA kernels run. Same arithmetic in the same order, so the two must be
 bit-identical: on every padding mode, both align_corners, both dtypes, broadcast images, strided and channels-last
 layouts, rows that are not a multiple of the chunk (32 points), points on and far outside the borders, NaN / inf,
-and the 64-bit index path.
+and the 64-bit index path. Each test runs the row loops in both of their instruction-set copies (csrc/cpu/isa.h:
+AVX2 where the CPU has it, and the SSE2 baseline) against the per-point functions in the baseline copy.
 """
 
 import itertools
@@ -17,6 +18,16 @@ import deepatlas_cuda as da
 from helpers import random_ddf, random_grid, to_layout
 
 PADDINGS = ("zeros", "border", "reflection")
+HAS_AVX2 = torch.ops.deepatlas.cpu_loops() == "avx2"  # the CPU has AVX2 and the build has the copies
+
+
+@pytest.fixture(autouse=True, params=["avx2", "baseline"])
+def loops_isa(request, monkeypatch):
+    """The instruction-set copy the row loops under test run in."""
+    if request.param == "avx2" and not HAS_AVX2:
+        pytest.skip("no AVX2 copy of the loops here (a CPU without AVX2, DEEPATLAS_NATIVE=1, or not g++ on x86-64)")
+    monkeypatch.setenv("DEEPATLAS_CPU_BASELINE", "1" if request.param == "baseline" else "0")
+    return request.param
 
 
 def _forward_and_grads(op, image, coords, grad_out, **kw):
@@ -31,10 +42,12 @@ def _forward_and_grads(op, image, coords, grad_out, **kw):
 
 
 def _both_paths(monkeypatch, op, image, coords, grad_out, **kw):
+    """(row loops in the copy under test, per-point functions in the baseline copy)."""
     rows = _forward_and_grads(op, image, coords, grad_out, **kw)
-    monkeypatch.setenv("DEEPATLAS_CPU_PER_POINT", "1")
-    per_point = _forward_and_grads(op, image, coords, grad_out, **kw)
-    monkeypatch.delenv("DEEPATLAS_CPU_PER_POINT")
+    with monkeypatch.context() as patch:
+        patch.setenv("DEEPATLAS_CPU_PER_POINT", "1")
+        patch.setenv("DEEPATLAS_CPU_BASELINE", "1")
+        per_point = _forward_and_grads(op, image, coords, grad_out, **kw)
     return rows, per_point
 
 

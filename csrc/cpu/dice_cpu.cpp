@@ -105,7 +105,7 @@ void run(const DiceArgs& a, const Source& source, const Target& target) {
     const auto grad_target = make_volume<T, I>(a.grad_target);  // [N, K, D, H, W] or absent
     if (grad_ddf.data != nullptr || grad_target.data != nullptr) {
       const I classes = static_cast<I>(a.classes);
-      parallel_over_points<I>(s, [&](const Point<I>& q) {
+      parallel_over_points<I, Copies::BaselineOnly>(s, [&](const Point<I>& q) {
         warped_dice_backward_point<double>(coords, source, target, q, classes, a.grad_sums + q.n * 3 * a.classes,
                                            grad_ddf, grad_target);
       });

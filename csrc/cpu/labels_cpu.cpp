@@ -23,11 +23,12 @@ void run_typed(const LabelArgs& a) {
       });
     } else if (a.op == LabelOp::Soft) {
       const auto out = make_volume<T, I>(s.output);  // [N, K, D, H, W]
-      parallel_over_points<I>(s, [&](const Point<I>& q) { warp_labels_soft_point<acc_t>(coords, labels, out, q); });
+      parallel_over_points<I, Copies::BaselineOnly>(
+          s, [&](const Point<I>& q) { warp_labels_soft_point<acc_t>(coords, labels, out, q); });
     } else {
       const auto grad_out = make_volume<const T, I>(s.output);  // [N, K, D, H, W]
       const auto grad_ddf = make_volume<T, I>(s.grad_coords);   // [N, 3, D, H, W]
-      parallel_over_points<I>(s, [&](const Point<I>& q) {
+      parallel_over_points<I, Copies::BaselineOnly>(s, [&](const Point<I>& q) {
         warp_labels_soft_backward_point<acc_t>(coords, labels, grad_out, grad_ddf, q);
       });
     }

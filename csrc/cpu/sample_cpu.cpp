@@ -63,7 +63,7 @@ std::vector<std::pair<int32_t, int32_t>> touched_input_planes(const SampleArgs& 
                                                               const I in_size[3], Padding padding) {
   using acc_t = typename AccType<T>::type;
   std::vector<std::pair<int32_t, int32_t>> range(a.batch * a.out_size[0]);
-  at::parallel_for(0, static_cast<int64_t>(range.size()), 1, [&](int64_t begin, int64_t end) DA_FLATTEN {
+  parallel_for_flattened(0, static_cast<int64_t>(range.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       int32_t lo = INT32_MAX;
       int32_t hi = INT32_MIN;
@@ -101,7 +101,7 @@ void scatter_input_grad(const SampleArgs& a, const Coords& coords, const Volume<
   std::vector<std::pair<int32_t, int32_t>> touched;
   if (blocks > 1) touched = touched_input_planes<T, I>(a, coords, geo.size, padding);
   const bool rows = use_row_loops(interp);
-  at::parallel_for(0, planes * blocks, 1, [&](int64_t begin, int64_t end) DA_FLATTEN {
+  parallel_for_flattened(0, planes * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / blocks;
       const int64_t block = task % blocks;
