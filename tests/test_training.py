@@ -192,6 +192,8 @@ def test_resume_refuses_a_different_config(tmp_path):
     changed = Trainer(replace(config, lambda_r=2.0), volumes, config.num_classes, progress=False)
     with pytest.raises(ValueError, match="lambda_r"):
         changed.resume()
+    harmless = replace(config, num_workers=0, eval_pairs=5, log_every=1)  # what training computes is unchanged
+    assert Trainer(harmless, volumes, config.num_classes, progress=False).resume()
 
 
 def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path):

@@ -29,8 +29,10 @@ log = logging.getLogger("deepatlas")
 
 LATEST = "checkpoint_latest.pt"
 MODEL = "model.pt"
-# Fields that may differ between a run and its resumption (they do not change what is computed).
-_RESUMABLE_CHANGES = {"device", "output", "log_every", "checkpoint_every", "divergence_ratio"}
+# Fields that may differ between a run and its resumption (they do not change what training computes; eval_pairs
+# only what is evaluated after it).
+_RESUMABLE_CHANGES = {"device", "output", "log_every", "checkpoint_every", "divergence_ratio", "num_workers",
+                      "eval_pairs"}
 
 
 def build_networks(config: TrainConfig, num_classes: int) -> tuple[RegistrationNet, SegmentationNet]:
