@@ -22,7 +22,7 @@ namespace deepatlas {
 constexpr int64_t kPointGrain = 2048;
 
 // Which copies of a flattened loop are compiled (cpu/isa.h): the baseline and an AVX2 one chosen at run time, or
-// the baseline only, for loops whose AVX2 copy measured slower (the soft label warp and warped Dice, 2-3%).
+// the baseline only, for loops whose AVX2 copy measured no faster (the soft label warp and warped Dice).
 enum class Copies { WithAvx2, BaselineOnly };
 
 // at::parallel_for(begin, end, grain, loop) with `loop` flattened into the task: loop and everything it calls are
