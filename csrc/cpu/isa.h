@@ -3,7 +3,7 @@
 // (`target("avx2")`: the loop and everything inlined into it) and picks one at run time. AVX2 without FMA: no
 // contraction is possible, and no loop reassociates a sum, so both copies give the same bits.
 // DEEPATLAS_CPU_BASELINE=1 selects the SSE2 copies at run time (for the tests that compare the two); a build with
-// DEEPATLAS_CPU_AVX2=0 (-DDEEPATLAS_NO_AVX2_COPIES) has none, and compiles in two thirds of the time.
+// DEEPATLAS_CPU_AVX2=0 (-DDEEPATLAS_NO_AVX2_COPIES) has none, and compiles in about 60% of the time.
 #pragma once
 
 #include <cstdlib>
