@@ -20,7 +20,7 @@ def reject_forward_ad(op: str, *tensors) -> None:
                 dual = True
             if dual:
                 raise NotImplementedError(f"{op}: forward-mode AD (forward_ad dual tensors, torch.func.jvp / "
-                                          f"jacfwd) is not supported; use reverse mode (backward, torch.func.vjp)")
+                                          f"jacfwd) is not supported; use reverse mode (backward, torch.autograd.grad)")
 
 
 def forbid_double_backward(op: str, *backward_ops: str) -> None:

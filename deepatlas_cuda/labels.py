@@ -3,10 +3,10 @@ computed without building it). Fake kernels and the soft warp's autograd are reg
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
-
-import numbers
 
 from ._autodiff import forbid_double_backward, reject_forward_ad
 from ._loader import REBUILD_HINT, STATE

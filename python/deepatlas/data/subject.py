@@ -12,7 +12,6 @@ import torch
 SPLITS = ("train", "val", "test")
 
 
-
 @dataclass
 class Subject:
     """One image, its optional label map, and where its voxels lie in the world.
