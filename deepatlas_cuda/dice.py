@@ -66,8 +66,10 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
         if target.shape[1] != 1:
             raise ValueError(f"{_OP}: label targets must be [N, 1, D, H, W], got {tuple(target.shape)}")
         if not probability_source and target.dtype != source.dtype:
-            _check_label_range(target, num_classes)  # before the cast, which could wrap a value into range
-            target = target.to(source.dtype)
+            # The kernels take one label dtype: the wider of the two, as a narrowing cast could wrap an
+            # out-of-range label into range before the kernel's range check sees it.
+            common = torch.promote_types(source.dtype, target.dtype)
+            source, target = source.to(common), target.to(common)
     elif target.dtype != ddf.dtype or target.shape[1] != num_classes:
         raise ValueError(f"{_OP}: probability targets must be [N, num_classes={num_classes}, D, H, W] in the ddf's "
                          f"dtype {ddf.dtype}, got {tuple(target.shape)} {target.dtype}")
@@ -83,13 +85,6 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
     intersection, source_sum, target_sum = sums.unbind(1)
     dice = ((2 * intersection + eps) / (source_sum + target_sum + eps)).to(ddf.dtype)
     return dice if include_background else dice[:, 1:]
-
-
-def _check_label_range(labels: Tensor, num_classes: int) -> None:
-    low, high = (int(v) for v in torch.aminmax(labels)) if labels.numel() else (0, 0)
-    if low < 0 or high >= num_classes:
-        raise RuntimeError(f"{_OP}: target: label values must be in [0, num_classes) = [0, {num_classes}), found "
-                           f"values in [{low}, {high}]")
 
 
 # Tests set this to run the unfused path on the CPU, where it is otherwise never taken.
@@ -108,7 +103,10 @@ def _unfused_sums(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int,
     else:
         warped = warp_labels(source, ddf, mode="soft", num_classes=num_classes)
     if target_is_labels:
-        _check_label_range(target, num_classes)
+        low, high = (int(v) for v in torch.aminmax(target)) if target.numel() else (0, 0)
+        if low < 0 or high >= num_classes:
+            raise RuntimeError(f"{_OP}: target: label values must be in [0, num_classes) = [0, {num_classes}), "
+                               f"found values in [{low}, {high}]")
         target = torch.nn.functional.one_hot(target[:, 0].long(), num_classes).movedim(-1, 1).to(warped.dtype)
     dims = (2, 3, 4)
     return torch.stack([(warped * target).sum(dims, dtype=torch.float64), warped.sum(dims, dtype=torch.float64),
