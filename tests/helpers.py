@@ -1,8 +1,24 @@
 """Input generators and comparison helpers shared by the op tests."""
 
+import os
+
 import torch
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+NO_AVX2_COPY = "no AVX2 copy of the CPU loops here (a CPU without AVX2, DEEPATLAS_NATIVE=1, or not g++ on x86-64)"
+
+
+def avx2_copy_available() -> bool:
+    """Whether this build and CPU have the AVX2 copy of the CPU loops (csrc/cpu/isa.h), whatever
+    DEEPATLAS_CPU_BASELINE selects at the moment."""
+    selected = os.environ.pop("DEEPATLAS_CPU_BASELINE", None)
+    try:
+        return torch.ops.deepatlas.cpu_loops() == "avx2"
+    finally:
+        if selected is not None:
+            os.environ["DEEPATLAS_CPU_BASELINE"] = selected
 
 
 def random_grid(n, d, h, w, dtype=torch.float32, device="cpu", spread=1.5, special=True):

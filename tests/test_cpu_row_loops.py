@@ -15,17 +15,17 @@ import pytest
 import torch
 
 import deepatlas_cuda as da
-from helpers import random_ddf, random_grid, to_layout
+from helpers import NO_AVX2_COPY, avx2_copy_available, random_ddf, random_grid, to_layout
 
 PADDINGS = ("zeros", "border", "reflection")
-HAS_AVX2 = torch.ops.deepatlas.cpu_loops() == "avx2"  # the CPU has AVX2 and the build has the copies
+HAS_AVX2 = avx2_copy_available()
 
 
 @pytest.fixture(autouse=True, params=["avx2", "baseline"])
 def loops_isa(request, monkeypatch):
     """The instruction-set copy the row loops under test run in."""
     if request.param == "avx2" and not HAS_AVX2:
-        pytest.skip("no AVX2 copy of the loops here (a CPU without AVX2, DEEPATLAS_NATIVE=1, or not g++ on x86-64)")
+        pytest.skip(NO_AVX2_COPY)
     monkeypatch.setenv("DEEPATLAS_CPU_BASELINE", "1" if request.param == "baseline" else "0")
     return request.param
 
