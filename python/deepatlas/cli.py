@@ -30,7 +30,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS,
                                   "help": f"default: {default!r}"}
-        if isinstance(default, dict):
+        if isinstance(default, (dict, list)):
             group.add_argument(flag, type=json.loads, metavar="JSON", **kwargs)
         elif isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -109,14 +109,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from .inference import register_files
     written = register_files(args.model, args.moving, args.fixed, args.output, moving_label=args.moving_label,
-                             device=args.device)
+                             device=args.device, space=args.space)
     _print_written(written, args.json)
     return 0
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .inference import segment_file
-    written = segment_file(args.model, args.image, args.output, device=args.device)
+    written = segment_file(args.model, args.image, args.output, device=args.device, space=args.space)
     _print_written(written, args.json)
     return 0
 
@@ -199,6 +199,12 @@ class _distributed:
             end_process_group(tb)
 
 
+def _space_flag(parser: argparse.ArgumentParser, native: str, model: str) -> None:
+    parser.add_argument("--space", choices=["native", "model"], default="native",
+                        help=f"where outputs are written: native (default): {native}; model: {model}, where the "
+                             f"network ran")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepatlas", description="DeepAtlas joint registration + segmentation "
                                      "(Xu & Niethammer, MICCAI 2019) on the deepatlas_cuda ops.")
@@ -250,18 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate, json_flag=True)
 
     register = command("register", cmd_register, "register MOVING to FIXED: warped image (+ labels), DDF and "
-                                                  "Jacobian-determinant map as NIfTI with the fixed image's affine")
+                                                  "Jacobian-determinant map as NIfTI on the fixed image's grid")
     register.add_argument("moving", type=Path)
     register.add_argument("fixed", type=Path)
     register.add_argument("--model", type=Path, required=True, help="model.pt of a training run")
     register.add_argument("--moving-label", type=Path, help="label map of MOVING, warped with nearest neighbour")
     register.add_argument("--output", type=Path, default=Path("registered"), help="output folder")
+    _space_flag(register, "FIXED's own grid and affine: the moving file's intensities and label values, the DDF in "
+                          "mm (world RAS)", "the preprocessed FIXED grid, the DDF in its voxels")
     _common(register, json_flag=True)
 
     segment = command("segment", cmd_segment, "segment IMAGE with a trained model -> label map NIfTI")
     segment.add_argument("image", type=Path)
     segment.add_argument("--model", type=Path, required=True, help="model.pt of a training run")
     segment.add_argument("--output", type=Path, default=Path("segmentation.nii.gz"))
+    _space_flag(segment, "IMAGE's own grid and affine (class probabilities resampled, then the most probable class)",
+                "the preprocessed grid")
     _common(segment, json_flag=True)
 
     bench = command("bench", cmd_bench, "time the ops against the plain-PyTorch way (markdown table of ratios)")

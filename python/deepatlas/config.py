@@ -19,6 +19,7 @@ SIMILARITIES = ("ncc", "lncc", "mse")
 REGULARISERS = ("diffusion", "bending")
 NORMS = ("batch", "instance")
 AMP_MODES = ("none", "bf16", "fp16")
+EMBEDDED_DATA = ("synthetic", "mni")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class TrainConfig(DictRecord):
     num_labelled: int = 1              # training images whose manual labels are used (1 = one-shot, -1 = all)
     data_seed: int = 0
     flip: bool = True                  # random left-right flips of both images of a pair (augmentation)
+    flip_label_pairs: list = field(default_factory=list)  # [[left, right], ...]: labels a flip swaps (file values)
     preprocess: dict[str, Any] = field(default_factory=dict)  # files: deepatlas.data.Preprocess fields ({} = defaults)
     num_workers: int = 2               # files: loader workers; preprocessed volumes cached in output/data_cache
     # ---- networks
@@ -107,6 +109,7 @@ class TrainConfig(DictRecord):
         for name in positive:
             if not getattr(self, name) > 0:  # NaN too
                 raise ValueError(f"config.{name} must be > 0, got {getattr(self, name)}")
+        self.flip_label_pairs = _label_pairs(self.flip_label_pairs)
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise ValueError("config.amp='fp16' needs a CUDA device; use 'bf16' or 'none' on the CPU")
 
@@ -115,10 +118,38 @@ class TrainConfig(DictRecord):
         """The anatomy loss weight of registration steps: ``lambda_a_reg``, or ``lambda_a`` when it is None."""
         return self.lambda_a if self.lambda_a_reg is None else self.lambda_a_reg
 
+    @property
+    def reads_files(self) -> bool:
+        """Whether ``data`` names NIfTI files (a folder or a manifest), not embedded data."""
+        return self.data not in EMBEDDED_DATA
+
+    @property
+    def file_label_map(self) -> dict[int, int] | None:
+        """The {original: class} table the label files are read through (None: none, or embedded data)."""
+        table = self.preprocess.get("label_map") if self.reads_files else None
+        return {int(k): int(v) for k, v in table.items()} if table else None
+
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
         """Read a YAML (.yaml / .yml) or JSON file."""
         return cls.from_dict(read_mapping(path))
+
+
+def _label_pairs(pairs: Any) -> list[list[int]]:
+    """``flip_label_pairs`` as a list of [a, b] int pairs: a != b, >= 0, no label in two pairs."""
+    problem = f"config.flip_label_pairs must be a list of [left, right] label pairs such as [[17, 53], [2, 41]], " \
+              f"got {pairs!r}"
+    if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise ValueError(problem)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for pair in pairs for v in pair):
+        raise ValueError(problem + " (labels are whole numbers)")
+    values = [v for pair in pairs for v in pair]
+    if min(values, default=0) < 0 or any(a == b for a, b in pairs):
+        raise ValueError(problem + " (two different labels >= 0 per pair)")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(problem + f" (label(s) {repeated} in more than one pair)")
+    return [[int(a), int(b)] for a, b in pairs]
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:

@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import deepatlas_cuda as da
 
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
+from .native import apply_affine, sample, slab_points, slabs, voxel_map
 from .run import preprocess_of
 from .trainer import MODEL, build_networks
 
@@ -92,56 +93,149 @@ def evaluate_runs(run: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
     return results
 
 
-def _read(path: Path, preprocess, label_path: Path | None = None):
-    """(image, label or None, affine) of one NIfTI file (and its label map), checked and preprocessed exactly as
-    training data is (:func:`deepatlas.data.nifti.load_entry`)."""
-    from .data.nifti import Entry, load_entry
+SPACES = ("native", "model")
+
+
+@dataclass
+class Volume:
+    """One input file, as the model sees it (preprocessed, on the model grid) and as stored on disk."""
+
+    image: np.ndarray           # [D, H, W] float32 in [0, 1], model grid
+    label: np.ndarray | None    # [D, H, W] int64 classes 0..K-1, model grid
+    affine: np.ndarray          # model grid voxel -> world
+    native_image: np.ndarray    # [D', H', W'] the file's own array and intensities
+    native_label: np.ndarray | None  # [D', H', W'] int64 original label values
+    native_affine: np.ndarray   # the file's voxel -> world
+
+
+def _read(path: Path, preprocess, label_path: Path | None = None) -> Volume:
+    """One NIfTI file (and its label map), checked and preprocessed exactly as training data is
+    (:func:`deepatlas.data.nifti.load_entry`), together with its arrays as stored."""
+    from .data.nifti import Entry, check_label_values, load_entry, read_volume
     subject = load_entry(Entry(Path(path), None if label_path is None else Path(label_path), "test", Path(path).name),
                          preprocess)
-    return subject.image, subject.label, subject.affine
+    native_image, native_affine, _ = read_volume(Path(path))
+    native_label = None if label_path is None else check_label_values(read_volume(Path(label_path))[0], label_path)
+    return Volume(subject.image, subject.label, subject.affine, native_image, native_label, native_affine)
+
+
+def _check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
 
 
 def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Path,
-                   moving_label: Path | None = None, device: str = "cpu") -> dict[str, Path]:
-    """Register ``moving`` to ``fixed`` with a trained F_R. Writes, on the fixed image's (preprocessed) grid and
-    affine: ``warped.nii.gz``, ``ddf.nii.gz`` ([D, H, W, 3], voxels, component i along array axis i),
-    ``jacobian_det.nii.gz`` and, with ``moving_label``, ``warped_label.nii.gz`` (nearest neighbour)."""
+                   moving_label: Path | None = None, device: str = "cpu", space: str = "native") -> dict[str, Path]:
+    """Register ``moving`` to ``fixed`` with a trained F_R. Writes ``warped.nii.gz``, ``ddf.nii.gz``,
+    ``jacobian_det.nii.gz`` and, with ``moving_label``, ``warped_label.nii.gz`` (nearest neighbour).
+
+    ``space='native'`` (default): on the fixed file's own grid and affine. The warped image and labels are sampled
+    from the moving file as stored (its intensities and original label values; zero outside it); the DDF is
+    [D, H, W, 3] in mm in world (RAS) coordinates: fixed world point w corresponds to moving world point w + ddf;
+    the Jacobian determinant is det(I + grad u) of the network's displacement, at each fixed voxel.
+    ``space='model'``: on the preprocessed fixed grid the network ran on: the warped image is the preprocessed moving
+    image, the DDF is in model-grid voxels (component i along array axis i)."""
     from .data import save_nifti
+    _check_space(space)
     model = load_model(model_path, device)
     preprocess = preprocess_of(model.config)
-    moving_image, moving_labels, _ = _read(moving, preprocess, moving_label)
-    fixed_image, _, fixed_affine = _read(fixed, preprocess)
-    if moving_image.shape != fixed_image.shape:
-        raise ValueError(f"moving {moving} {moving_image.shape} and fixed {fixed} {fixed_image.shape} differ in "
-                         f"shape after preprocessing; resample both to one shape first")
+    moving_volume = _read(moving, preprocess, moving_label)
+    fixed_volume = _read(fixed, preprocess)
+    if moving_volume.image.shape != fixed_volume.image.shape:
+        raise ValueError(f"moving {moving} {moving_volume.image.shape} and fixed {fixed} {fixed_volume.image.shape} "
+                         f"differ in shape after preprocessing; resample both to one shape first")
     to_tensor = (lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None].to(model.device))
     with torch.no_grad():
-        m, f = to_tensor(moving_image), to_tensor(fixed_image)
-        ddf = model.reg_net(m, f).float()
-        written = {"warped": output / "warped.nii.gz", "ddf": output / "ddf.nii.gz",
-                   "jacobian": output / "jacobian_det.nii.gz"}
-        save_nifti(written["warped"], da.warp(m, ddf)[0, 0].cpu().numpy(), fixed_affine)
-        save_nifti(written["ddf"], ddf[0].permute(1, 2, 3, 0).cpu().numpy(), fixed_affine)
-        save_nifti(written["jacobian"], da.jacobian_det(ddf)[0, 0].cpu().numpy(), fixed_affine)
-        if moving_labels is not None:
-            warped = da.warp_labels(to_tensor(moving_labels), ddf, mode="nearest")[0, 0].cpu().numpy()
-            written["warped_label"] = output / "warped_label.nii.gz"
-            save_nifti(written["warped_label"], _original_labels(warped, preprocess), fixed_affine)
+        m, f = to_tensor(moving_volume.image), to_tensor(fixed_volume.image)
+        ddf = model.reg_net(m, f).float()                # [1, 3, D, H, W] model-grid voxels
+        det = da.jacobian_det(ddf)[0]                    # [1, D, H, W]
+        if space == "model":
+            warped = da.warp(m, ddf)[0, 0].cpu().numpy()
+            ddf_out = ddf[0].permute(1, 2, 3, 0).cpu().numpy()
+            det_out = det[0].cpu().numpy()
+            labels = None
+            if moving_volume.label is not None:
+                classes = da.warp_labels(to_tensor(moving_volume.label), ddf, mode="nearest")[0, 0].cpu().numpy()
+                labels = _original_labels(classes, preprocess)
+            affine = fixed_volume.affine
+        else:
+            warped, labels, ddf_out, det_out = _register_native(ddf[0], det, moving_volume, fixed_volume,
+                                                                model.device)
+            affine = fixed_volume.native_affine
+    written = {"warped": output / "warped.nii.gz", "ddf": output / "ddf.nii.gz",
+               "jacobian": output / "jacobian_det.nii.gz"}
+    save_nifti(written["warped"], warped, affine)
+    save_nifti(written["ddf"], ddf_out, affine)
+    save_nifti(written["jacobian"], det_out, affine)
+    if labels is not None:
+        written["warped_label"] = output / "warped_label.nii.gz"
+        save_nifti(written["warped_label"], labels, affine)
     return written
 
 
-def segment_file(model_path: str | Path, image: Path, output: Path, device: str = "cpu") -> dict[str, Path]:
-    """Segment ``image`` with a trained F_S; the label map (in the original label values when the model was
-    trained with a label_map) is written with the image's preprocessed affine."""
+def _register_native(ddf: Tensor, det: Tensor, moving: Volume, fixed: Volume, device: torch.device):
+    """(warped image, warped labels or None, world DDF in mm [D, H, W, 3], det) on the fixed file's grid, for the
+    model-grid displacement ``ddf`` [3, D, H, W] and its Jacobian determinant ``det`` [1, D, H, W]. Each fixed voxel
+    x goes to the model grid (p), is displaced there (p + u(p)), and goes to the moving file's grid."""
+    shape = fixed.native_image.shape
+    fixed_to_model = voxel_map(fixed.native_affine, fixed.affine)
+    model_to_moving = voxel_map(moving.affine, moving.native_affine)
+    fixed_world, moving_world = (torch.from_numpy(np.asarray(a, np.float64)) for a in (fixed.native_affine,
+                                                                                      moving.affine))
+    image = torch.from_numpy(np.asarray(moving.native_image, np.float32))[None].to(device)
+    # Label values as float64 sample exactly (any int up to 2^53); nearest never mixes two of them.
+    label = None if moving.native_label is None else torch.from_numpy(moving.native_label.astype(np.float64))[None]
+    label = None if label is None else label.to(device)
+    warped = np.empty(shape, np.float32)
+    labels = None if label is None else np.empty(shape, np.int64)
+    world = np.empty((*shape, 3), np.float32)
+    det_out = np.empty(shape, np.float32)
+    ddf = ddf.double()
+    for rows in slabs(shape, channels=4):
+        x = slab_points(shape, rows, device)
+        p = apply_affine(fixed_to_model, x)
+        displaced = p + sample(ddf, p, "bilinear", "border").movedim(0, -1)
+        q = apply_affine(model_to_moving, displaced)
+        warped[rows] = sample(image, q, "bilinear", "zeros")[0].cpu().numpy()
+        if label is not None:
+            labels[rows] = sample(label, q, "nearest", "zeros")[0].round().long().cpu().numpy()
+        world[rows] = (apply_affine(moving_world, displaced) - apply_affine(fixed_world, x)).cpu().numpy()
+        det_out[rows] = sample(det, p, "bilinear", "border")[0].cpu().numpy()
+    return warped, labels, world, det_out
+
+
+def segment_file(model_path: str | Path, image: Path, output: Path, device: str = "cpu",
+                 space: str = "native") -> dict[str, Path]:
+    """Segment ``image`` with a trained F_S and write the label map (in the original label values when the model
+    was trained with a label_map). ``space='native'`` (default): on the image file's own grid and affine, the
+    class probabilities resampled trilinearly to each voxel, then the most probable class; ``space='model'``: on
+    the preprocessed grid the network ran on."""
     from .data import save_nifti
+    _check_space(space)
     model = load_model(model_path, device)
     preprocess = preprocess_of(model.config)
-    array, _, affine = _read(image, preprocess)
+    volume = _read(image, preprocess)
     with torch.no_grad():
-        volume = torch.from_numpy(np.ascontiguousarray(array))[None, None].to(model.device)
-        labels = model.seg_net(volume).argmax(1)[0].cpu().numpy()
-    save_nifti(output, _original_labels(labels, preprocess), affine)
+        logits = model.seg_net(torch.from_numpy(np.ascontiguousarray(volume.image))[None, None].to(model.device))
+        if space == "model":
+            classes, affine = logits.argmax(1)[0].cpu().numpy(), volume.affine
+        else:
+            classes, affine = _segment_native(logits[0].float().softmax(0), volume), volume.native_affine
+    save_nifti(output, _original_labels(classes, preprocess), affine)
     return {"segmentation": output}
+
+
+def _segment_native(probabilities: Tensor, volume: Volume) -> np.ndarray:
+    """The most probable class [D', H', W'] at each voxel of the file's grid, from model-grid ``probabilities``
+    [K, D, H, W] sampled trilinearly (border: the file's outer voxel centres may lie up to half a model voxel
+    outside the model grid)."""
+    shape = volume.native_image.shape
+    to_model = voxel_map(volume.native_affine, volume.affine)
+    classes = np.empty(shape, np.int64)
+    for rows in slabs(shape, channels=probabilities.shape[0]):
+        points = apply_affine(to_model, slab_points(shape, rows, probabilities.device))
+        classes[rows] = sample(probabilities, points, "bilinear", "border").argmax(0).cpu().numpy()
+    return classes
 
 
 def _original_labels(labels: np.ndarray, preprocess) -> np.ndarray:

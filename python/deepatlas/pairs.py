@@ -84,27 +84,56 @@ def draw_indices(volumes: Volumes, kind: str, batch_size: int, generator: torch.
     return pairs[torch.randint(pairs.shape[0], (batch_size,), generator=generator)]
 
 
-def make_batch(volumes: Volumes, indices: Tensor, flips: Tensor, lr_axis: int) -> Batch:
+def mirrored_classes(pairs: list[list[int]], num_classes: int, label_map: dict[int, int] | None = None
+                     ) -> Tensor | None:
+    """[K] int64: the class each class becomes when a flip mirrors an image (left and right structures trade
+    places): the classes of each pair swapped, every other class itself; None without pairs. ``pairs`` holds label
+    values as in the label files, read through ``label_map`` {original: class} when there is one."""
+    if not pairs:
+        return None
+    table = torch.arange(num_classes)
+    for pair in pairs:
+        if label_map:
+            missing = [value for value in pair if value not in label_map]
+            if missing:
+                raise ValueError(f"flip_label_pairs {pair}: label(s) {missing} are not in label_map")
+        first, second = (label_map[value] if label_map else value for value in pair)
+        if max(first, second) >= num_classes:
+            raise ValueError(f"flip_label_pairs {pair}: the data has {num_classes} classes (0..{num_classes - 1})")
+        if first == second:  # label_map merged the two sides into one class
+            continue
+        if table[first] != first or table[second] != second:
+            raise ValueError(f"flip_label_pairs {pair}: class {first} or {second} is already in another pair")
+        table[first], table[second] = second, first
+    return table
+
+
+def make_batch(volumes: Volumes, indices: Tensor, flips: Tensor, lr_axis: int, mirror: Tensor | None = None
+               ) -> Batch:
     """Gather the images of ``indices`` [B, 1 or 2]; flip both sides of pair b along ``lr_axis`` (of D, H, W)
-    where ``flips[b]``."""
+    where ``flips[b]``, and send each class of a flipped label map through ``mirror`` [K] (see
+    :func:`mirrored_classes`) when given."""
     dim = 2 + lr_axis
 
-    def take(tensor: Tensor, column: int) -> Tensor:
+    def take(tensor: Tensor, column: int, classes: Tensor | None = None) -> Tensor:
         out = tensor[indices[:, column]]
         if flips.any():
-            out = torch.where(flips.view(-1, 1, 1, 1, 1), out.flip(dim), out)
+            flipped = out.flip(dim)
+            if classes is not None:
+                flipped = classes.to(flipped.device)[flipped]
+            out = torch.where(flips.view(-1, 1, 1, 1, 1), flipped, out)
         return out
 
-    moving, moving_labels = take(volumes.images, 0), take(volumes.labels, 0)
+    moving, moving_labels = take(volumes.images, 0), take(volumes.labels, 0, mirror)
     moving_labelled = volumes.labelled[indices[:, 0]]
     if indices.shape[1] == 1:
         return Batch(moving, None, moving_labels, None, moving_labelled, None)
-    return Batch(moving, take(volumes.images, 1), moving_labels, take(volumes.labels, 1), moving_labelled,
+    return Batch(moving, take(volumes.images, 1), moving_labels, take(volumes.labels, 1, mirror), moving_labelled,
                  volumes.labelled[indices[:, 1]])
 
 
 def draw_batch(volumes: Volumes, kind: str, seed: int, step: int, batch_size: int, flip: bool, lr_axis: int,
-               rank: int = 0, world_size: int = 1) -> Batch:
+               rank: int = 0, world_size: int = 1, mirror: Tensor | None = None) -> Batch:
     """This process's share of global step ``step``: the global batch is drawn identically everywhere, then
     split into ``world_size`` equal consecutive slices."""
     if batch_size % world_size:
@@ -114,4 +143,4 @@ def draw_batch(volumes: Volumes, kind: str, seed: int, step: int, batch_size: in
     flips = torch.rand(batch_size, generator=generator) < 0.5 if flip else torch.zeros(batch_size, dtype=torch.bool)
     share = batch_size // world_size
     mine = slice(rank * share, (rank + 1) * share)
-    return make_batch(volumes, indices[mine], flips[mine], lr_axis)
+    return make_batch(volumes, indices[mine], flips[mine], lr_axis, mirror)

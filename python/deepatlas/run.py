@@ -42,7 +42,7 @@ def prepare_data(config: TrainConfig) -> Dataset:
     maps kept (-1: all that exist)."""
     from . import data
 
-    if config.data in ("synthetic", "mni"):
+    if not config.reads_files:
         subjects = data.synthetic_subjects(config.num_train + config.num_test, shape=config.shape,
                                            num_classes=config.num_classes, seed=config.data_seed, base=config.data)
         train, test = subjects[:config.num_train], subjects[config.num_train:]
@@ -65,6 +65,8 @@ def prepare_data(config: TrainConfig) -> Dataset:
         test_images = images.new_empty((0, *images.shape[1:]))
         test_labels = labels.new_empty((0, *labels.shape[1:]))
     lr_axis = data.left_right_axis(train) if config.flip else 0  # 0: unused without flips
+    if config.flip and config.reads_files:
+        _warn_unpaired_sides(config, train, lr_axis, num_classes)
     return Dataset(Volumes(images, labels, labelled), test_images, test_labels, num_classes, lr_axis, train, test)
 
 
@@ -73,6 +75,23 @@ def preprocess_of(config: TrainConfig):
     percentile normalisation, padding to a multiple of 16). Used for the training data and at inference."""
     from .data import Preprocess
     return Preprocess.from_dict(config.preprocess)
+
+
+def _warn_unpaired_sides(config: TrainConfig, train: list, lr_axis: int, num_classes: int) -> None:
+    """Warn when the flip augmentation would move a one-sided structure (a left or right one) to the other side
+    under the same label: its class is lateralised in the training labels and in no ``flip_label_pairs`` pair."""
+    from . import data
+    from .pairs import mirrored_classes
+    mirror = mirrored_classes(config.flip_label_pairs, num_classes, config.file_label_map)
+    unpaired = [k for k in data.lateralised_classes(train, lr_axis) if mirror is None or mirror[k] == k]
+    if not unpaired:
+        return
+    label_map = config.file_label_map
+    values = [sorted(v for v, k in label_map.items() if k == c) if label_map else [c] for c in unpaired]
+    shown = ", ".join("/".join(str(v) for v in group) for group in values)
+    log.warning("flip: label(s) %s lie almost only (>= 95%%) on one side of the anatomy; a left-right flip moves "
+                "them to the other side under the same label. List each left/right pair in flip_label_pairs "
+                "(e.g. [[17, 53]]: label values as in the files), or set flip: false", shown)
 
 
 def _keep_first(labelled: Tensor, count: int) -> Tensor:

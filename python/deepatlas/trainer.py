@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .divergence import DivergenceGuard
 from .memory import PeakMemory
 from .nets import RegistrationNet, SegmentationNet
-from .pairs import Volumes, draw_batch
+from .pairs import Volumes, draw_batch, mirrored_classes
 from .schedule import REG, SEG_JOINT, anatomy_mode, phases, step_at, total_steps
 from .steps import StepLosses, StepModels
 
@@ -59,6 +59,7 @@ class Trainer:
         self.num_classes = num_classes
         self.output = Path(output if output is not None else config.output)
         self.lr_axis = lr_axis
+        self.mirror = mirrored_classes(config.flip_label_pairs, num_classes, config.file_label_map)
         self.progress = progress
         self.device = torch.device(config.device)
         self.rank, self.world_size = _distributed_rank_and_size()
@@ -188,7 +189,7 @@ class Trainer:
     def _train_step(self, phase, kind: str) -> dict[str, float]:
         cfg = self.config
         batch = draw_batch(self.volumes, kind, cfg.seed, self.step, cfg.batch_size, cfg.flip,
-                           self.lr_axis, self.rank, self.world_size)
+                           self.lr_axis, self.rank, self.world_size, self.mirror)
         self.peak.reset()
         start = time.perf_counter()
         if kind == REG:

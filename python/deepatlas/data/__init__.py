@@ -10,10 +10,10 @@ from pathlib import Path
 
 from .nifti import load_folder, load_manifest, save_nifti
 from .preprocess import Preprocess
-from .subject import Subject, left_right_axis, num_classes_of, stack_subjects
+from .subject import Subject, lateralised_classes, left_right_axis, num_classes_of, stack_subjects
 from .synthetic import synthetic_subjects
 
-__all__ = ["Preprocess", "Subject", "left_right_axis", "load_dataset", "load_folder", "load_manifest",
+__all__ = ["Preprocess", "Subject", "lateralised_classes", "left_right_axis", "load_dataset", "load_folder", "load_manifest",
            "num_classes_of", "save_nifti", "stack_subjects", "synthetic_subjects"]
 
 

@@ -76,6 +76,28 @@ def left_right_axis(subjects: Sequence[Subject]) -> int:
     return axes.pop()
 
 
+def lateralised_classes(subjects: Sequence[Subject], axis: int, share: float = 0.95) -> list[int]:
+    """Classes (>= 1) with at least ``share`` of their voxels, over the labelled ``subjects``, on one side of each
+    label map's foreground centre along array ``axis``: structures that a flip along ``axis`` moves to the other
+    side (a left or right hippocampus; not a structure on the midline)."""
+    sides: dict[int, np.ndarray] = {}  # class -> voxels [below the centre, above it]
+    for subject in subjects:
+        if not subject.labelled:
+            continue
+        slices = np.moveaxis(subject.label, axis, 0).reshape(subject.label.shape[axis], -1)
+        counts = np.stack([np.bincount(row, minlength=int(subject.label.max()) + 1) for row in slices])  # [L, K]
+        foreground = counts[:, 1:].sum(1)
+        if not foreground.any():
+            continue
+        centre = (np.arange(len(slices)) * foreground).sum() / foreground.sum()
+        index = np.arange(len(slices))
+        for k in range(1, counts.shape[1]):
+            below, above = counts[index < centre, k].sum(), counts[index > centre, k].sum()
+            sides[k] = sides.get(k, np.zeros(2, np.int64)) + [below, above]
+    return sorted(k for k, (below, above) in sides.items()
+                  if below + above > 0 and max(below, above) >= share * (below + above))
+
+
 def num_classes_of(subjects: Sequence[Subject]) -> int:
     """Number of label classes K (background included): 1 + the largest label of any labelled subject."""
     maxima = [int(s.label.max()) for s in subjects if s.labelled]

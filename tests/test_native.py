@@ -1,0 +1,228 @@
+"""`register` / `segment` outputs on the input files' own grids (deepatlas.native, space='native'): the sampler
+against scipy, the slab loop, and known fields and label maps on files stored in another orientation, spacing and
+shape than the model grid the networks run on."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from torch import nn
+
+from deepatlas import inference, native
+from deepatlas.checkpoint import save_checkpoint
+from deepatlas.data import save_nifti
+from deepatlas.trainer import build_networks
+from training_helpers import tiny_config
+
+SHAPE = (13, 14, 15)          # not a multiple of 16: the model grid is padded to 16^3
+SPACING = 1.5
+K = 4
+
+
+def stored(path, array, flip_first_axis=False):
+    """Save ``array`` (world content on a RAS grid of SPACING mm) as NIfTI, optionally stored with its first axis
+    reversed (LAS), which holds the same world content. Returns the affine written."""
+    affine = np.diag([SPACING, SPACING, SPACING, 1.0])
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    if flip_first_axis:
+        flip = np.eye(4)
+        flip[0, 0], flip[0, 3] = -1, array.shape[0] - 1
+        affine, array = affine @ flip, array[::-1]
+    save_nifti(path, np.ascontiguousarray(array), affine)
+    return affine
+
+
+@pytest.fixture
+def scene(tmp_path):
+    """Random world content (image and labels) and a model.pt with tiny untrained networks."""
+    generator = np.random.default_rng(0)
+    content = generator.uniform(100, 900, SHAPE).astype(np.float32)   # scanner units, not [0, 1]
+    labels = generator.integers(0, K, SHAPE)
+    labels[labels == 3] = 17                                           # an original value above K
+    config = tiny_config(tmp_path, preprocess={"label_map": {0: 0, 1: 1, 2: 2, 17: 3}})
+    torch.manual_seed(0)
+    reg, seg = build_networks(config, K)
+    save_checkpoint(tmp_path / "model.pt", {"config": config.to_dict(), "num_classes": K,
+                                            "reg_net": reg.state_dict(), "seg_net": seg.state_dict()})
+    return tmp_path, content, labels
+
+
+class ConstantField(nn.Module):
+    """A registration network whose displacement is ``shift`` model voxels everywhere."""
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1, 1)
+
+    def forward(self, moving, fixed):
+        return self.shift.expand(moving.shape[0], 3, *moving.shape[2:]).clone()
+
+
+class FixedLogits(nn.Module):
+    """A segmentation network that returns ``logits(image)`` on the model grid."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, image):
+        return self.logits(image)
+
+
+def replace_networks(monkeypatch, reg_net=None, seg_net=None):
+    load = inference.load_model
+
+    def patched(path, device="cpu"):
+        model = load(path, device)
+        model.reg_net = reg_net or model.reg_net
+        model.seg_net = seg_net or model.seg_net
+        return model
+    monkeypatch.setattr(inference, "load_model", patched)
+    monkeypatch.setattr(native, "SLAB_VALUES", 700)  # a few rows per slab: the loop runs many times
+
+
+def read(path):
+    image = nib.load(path)
+    return np.asarray(image.dataobj), image.affine
+
+
+@pytest.mark.parametrize("padding, scipy_mode", [("zeros", "grid-constant"), ("border", "nearest")])
+def test_sample_is_trilinear_interpolation_at_voxel_indices(padding, scipy_mode):
+    generator = np.random.default_rng(1)
+    volume = generator.normal(size=(2, 5, 6, 7))
+    points = generator.uniform(-2, 8, size=(40, 3))
+    got = native.sample(torch.from_numpy(volume), torch.from_numpy(points), "bilinear", padding)
+    for channel in range(2):
+        expected = ndimage.map_coordinates(volume[channel], points.T, order=1, mode=scipy_mode)
+        np.testing.assert_allclose(got[channel].numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_slabs_cover_every_row_once_within_the_budget(monkeypatch):
+    monkeypatch.setattr(native, "SLAB_VALUES", 1000)
+    rows = list(native.slabs((13, 10, 10), channels=3))
+    assert [r.start for r in rows] == list(range(0, 13, 3)) and rows[-1].stop == 13
+    assert all(r.stop - r.start <= 3 for r in rows)
+    assert [r.stop - r.start for r in native.slabs((2, 50, 50), channels=8)] == [1, 1]  # at least one row
+
+
+@pytest.mark.parametrize("moving_flipped", [False, True])
+def test_register_native_moves_the_moving_file_by_the_field_in_mm(scene, monkeypatch, moving_flipped):
+    """A field of +1 model voxel along the first (R) axis: on the fixed file's grid the warped image is the moving
+    file's content one voxel further along R (zero past its edge), in its own intensities and label values, however
+    the moving file is stored; the world DDF is (+1.5, 0, 0) mm and the Jacobian determinant 1."""
+    folder, content, labels = scene
+    replace_networks(monkeypatch, reg_net=ConstantField([1.0, 0.0, 0.0]))
+    stored(folder / "moving.nii.gz", content, flip_first_axis=moving_flipped)
+    stored(folder / "moving_label.nii.gz", labels, flip_first_axis=moving_flipped)
+    fixed_affine = stored(folder / "fixed.nii.gz", np.random.default_rng(2).uniform(0, 1, SHAPE))
+    written = inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
+                                       folder / "out", moving_label=folder / "moving_label.nii.gz")
+    for path in written.values():
+        np.testing.assert_allclose(read(path)[1], fixed_affine)
+    warped, warped_label = read(written["warped"])[0], read(written["warped_label"])[0]
+    np.testing.assert_allclose(warped[:-1], content[1:], rtol=1e-5)
+    np.testing.assert_allclose(warped[-1], 0, atol=1e-3)  # float32 grid: up to ~1e-6 of a voxel's value
+    np.testing.assert_array_equal(warped_label[:-1], labels[1:])
+    np.testing.assert_array_equal(warped_label[-1], 0)
+    ddf = read(written["ddf"])[0]
+    assert ddf.shape == (*SHAPE, 3)
+    np.testing.assert_allclose(ddf, np.broadcast_to([SPACING, 0, 0], ddf.shape), atol=1e-5)
+    np.testing.assert_allclose(read(written["jacobian"])[0], 1, atol=1e-6)
+
+
+def test_register_model_space_writes_the_network_grid(scene, monkeypatch):
+    folder, content, labels = scene
+    replace_networks(monkeypatch, reg_net=ConstantField([1.0, 0.0, 0.0]))
+    fixed_affine = stored(folder / "fixed.nii.gz", content)
+    stored(folder / "moving.nii.gz", content, flip_first_axis=True)
+    stored(folder / "moving_label.nii.gz", labels, flip_first_axis=True)
+    written = inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
+                                       folder / "out", moving_label=folder / "moving_label.nii.gz", space="model")
+    model_affine = fixed_affine.copy()
+    model_affine[:3, 3] -= SPACING * np.array([1, 1, 0])  # padded by 3 / 2 / 1 voxels: 1 / 1 / 0 before
+    warped_label, affine = read(written["warped_label"])
+    np.testing.assert_allclose(affine, model_affine)
+    assert warped_label.shape == (16, 16, 16)
+    np.testing.assert_array_equal(warped_label[1:12, 1:15, 0:15], labels[1:12])  # original label values
+    np.testing.assert_allclose(read(written["ddf"])[0][..., 0], 1)
+
+
+def test_segment_native_is_the_model_grid_classes_at_each_file_voxel(scene, monkeypatch):
+    """Reorientation and padding only: every voxel of the file is a model-grid voxel, so the native map is the
+    model's (random) classes reoriented and cropped, in original label values."""
+    folder, content, _ = scene
+    logits = torch.randn(1, K, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    replace_networks(monkeypatch, seg_net=FixedLogits(lambda image: logits))
+    affine = stored(folder / "image.nii.gz", content, flip_first_axis=True)
+    written = inference.segment_file(folder / "model.pt", folder / "image.nii.gz", folder / "seg.nii.gz")
+    segmentation, written_affine = read(written["segmentation"])
+    np.testing.assert_allclose(written_affine, affine)
+    classes = logits[0].argmax(0).numpy()[1:14, 1:15, 0:15]  # RAS model grid, padding 1 / 1 / 0 before
+    expected = np.array([0, 1, 2, 17])[classes][::-1]        # stored LAS: first axis reversed
+    np.testing.assert_array_equal(segmentation, expected)
+
+
+def test_segment_native_resamples_a_coarser_model_grid(scene, monkeypatch):
+    """Model grid at 3 mm (preprocess spacing), file at 1.5 mm: a boundary between two classes at world x = c on
+    the model grid lands at x = c on the file's grid too (to within a model voxel)."""
+    folder, content, _ = scene
+    boundary = 10.0 + SPACING * 6.3  # world x (mm)
+
+    def halves(image):
+        model_affine = halves.affine
+        x = model_affine[0, 0] * np.arange(image.shape[2]) + model_affine[0, 3]
+        left = torch.from_numpy(x < boundary).view(-1, 1, 1).expand(image.shape[2:])
+        return torch.stack([left, ~left], 0)[None].float() * 10
+    load = inference.load_model
+
+    def coarse_model(path, device="cpu"):
+        import dataclasses
+        model = load(path, device)
+        preprocess = {**model.config.preprocess, "spacing": [3.0, 3.0, 3.0]}
+        return dataclasses.replace(model, config=dataclasses.replace(model.config, preprocess=preprocess))
+    monkeypatch.setattr(inference, "load_model", coarse_model)
+    read_volume = inference._read
+
+    def remember_affine(*args, **kwargs):
+        volume = read_volume(*args, **kwargs)
+        halves.affine = volume.affine
+        return volume
+    monkeypatch.setattr(inference, "_read", remember_affine)
+    replace_networks(monkeypatch, seg_net=FixedLogits(halves))
+    affine = stored(folder / "image.nii.gz", content)
+    segmentation, written_affine = read(inference.segment_file(folder / "model.pt", folder / "image.nii.gz",
+                                                               folder / "seg.nii.gz")["segmentation"])
+    np.testing.assert_allclose(written_affine, affine)
+    assert segmentation.shape == SHAPE
+    x = affine[0, 0] * np.arange(SHAPE[0]) + affine[0, 3]
+    expected = np.where(x < boundary, 0, 1)
+    far = np.abs(x - boundary) > 3.0
+    np.testing.assert_array_equal(segmentation[far], np.broadcast_to(expected[far, None, None],
+                                                                     (far.sum(), *SHAPE[1:])))
+
+
+def test_space_must_be_native_or_model(scene):
+    folder, content, _ = scene
+    stored(folder / "image.nii.gz", content)
+    with pytest.raises(ValueError, match=r"space must be one of \['native', 'model'\], got 'world'"):
+        inference.segment_file(folder / "model.pt", folder / "image.nii.gz", folder / "seg.nii.gz", space="world")
+
+
+def test_cli_writes_the_files_grid_unless_space_model(scene, capsys):
+    from deepatlas.cli import main
+    folder, content, labels = scene
+    affine = stored(folder / "image.nii.gz", content, flip_first_axis=True)
+    stored(folder / "label.nii.gz", labels, flip_first_axis=True)
+    for space, shape in (("native", SHAPE), ("model", (16, 16, 16))):
+        flags = [] if space == "native" else ["--space", "model"]
+        assert main(["segment", str(folder / "image.nii.gz"), "--model", str(folder / "model.pt"), "--output",
+                     str(folder / space / "seg.nii.gz"), *flags]) == 0
+        assert main(["register", str(folder / "image.nii.gz"), str(folder / "image.nii.gz"), "--model",
+                     str(folder / "model.pt"), "--moving-label", str(folder / "label.nii.gz"), "--output",
+                     str(folder / space), *flags]) == 0
+        for name in ("seg", "warped", "warped_label", "ddf", "jacobian_det"):
+            image = nib.load(folder / space / f"{name}.nii.gz")
+            assert image.shape[:3] == shape
+            assert np.allclose(image.affine, affine) == (space == "native")
+    capsys.readouterr()
