@@ -57,8 +57,10 @@ def jacobian_det(ddf: Tensor, spacing=(1.0, 1.0, 1.0), scheme: str = "central") 
 
 
 def folding_stats(ddf: Tensor, spacing=(1.0, 1.0, 1.0), scheme: str = "central", strict: bool = False) -> dict:
-    """Per batch element: ``num_folded`` (voxels with det <= 0), ``fraction_folded``, and ``std_log_det`` (the
-    standard deviation of log det over voxels with det > 0).
+    """Per batch element: ``num_folded`` (voxels with det <= 0), ``fraction_folded``, ``std_log_det`` (the
+    standard deviation of log det over voxels with det > 0), and ``num_nonfinite`` (voxels whose det is NaN or
+    infinite, from a NaN / infinite / overflowing ddf). A batch element with any such voxel has NaN
+    ``fraction_folded`` and ``std_log_det``: a broken field never reads as one without folds.
 
     ``strict=True`` counts a voxel as folded when the determinant of ANY of the 8 one-sided stencil combinations
     (forward or backward difference per axis) is <= 0 — the check of Liu et al. (IJCV 2024), since a central-
@@ -80,10 +82,14 @@ def folding_stats(ddf: Tensor, spacing=(1.0, 1.0, 1.0), scheme: str = "central",
         mean = log_det.sum(1) / count
         variance = torch.where(positive, (log_det - mean[:, None]) ** 2, torch.zeros_like(det)).sum(1) / count
         num_folded = folded.sum(1)
+        num_nonfinite = (~det.isfinite()).sum(1)
+        broken = num_nonfinite > 0
+        nan = torch.full_like(mean, float("nan"))
         return {
             "num_folded": num_folded,
-            "fraction_folded": num_folded.to(det.dtype) / max(det.shape[1], 1),
-            "std_log_det": variance.sqrt(),
+            "fraction_folded": torch.where(broken, nan, num_folded.to(det.dtype) / max(det.shape[1], 1)),
+            "std_log_det": torch.where(broken, nan, variance.sqrt()),
+            "num_nonfinite": num_nonfinite,
         }
 
 

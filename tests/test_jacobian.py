@@ -189,6 +189,18 @@ def test_folding_stats_counts_and_log_det_spread():
     torch.testing.assert_close(stats["std_log_det"], expected)
 
 
+def test_folding_stats_of_a_field_with_nan_are_nan_not_zero():
+    """A NaN displacement (a diverged network) must not read as a field without folds."""
+    ddf = random_ddf(2, 6, 6, 6, dtype=torch.float64, scale=0.1)
+    ddf[1, 0, 2, 3, 3] = float("nan")
+    for strict in (False, True):
+        stats = da.folding_stats(ddf, strict=strict)
+        det = reference.jacobian_det(ddf).flatten(1)
+        assert stats["num_nonfinite"].tolist() == [0, int(det[1].isnan().sum())] and det[1].isnan().sum() > 1
+        assert stats["fraction_folded"][1].isnan() and stats["std_log_det"][1].isnan()
+        assert stats["fraction_folded"][0] == 0 and 0 < stats["std_log_det"][0] < 1  # the other element: as before
+
+
 def test_strict_check_catches_folds_central_differences_miss():
     ddf = torch.zeros(1, 3, 4, 4, 10, dtype=torch.float64)
     ddf[:, 2] = 0.75 * (-1.0) ** torch.arange(10, dtype=torch.float64)  # zig-zag: central differences cancel

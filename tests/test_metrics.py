@@ -131,6 +131,10 @@ def test_registration_metrics():
     flip = identity.clone()
     flip[:, 0] = -2 * torch.arange(8.0).view(8, 1, 1)  # det = -1 everywhere
     assert registration_metrics(moving, fixed, flip, 3)["folding_pct"] == 100.0
+    broken = torch.cat([identity, identity])
+    broken[1, 0, 3, 3, 3] = float("nan")  # a diverged network: its folding is unknown, never 0 or skipped
+    two = registration_metrics(torch.cat([moving, moving]), torch.cat([moving, moving]), broken, 3)
+    assert math.isnan(two["folding_pct"]) and math.isnan(two["std_log_det"])
 
 
 def test_segmentation_metrics():

@@ -38,7 +38,9 @@ def evaluate_registration(reg_net: nn.Module, images: Tensor, labels: Tensor, nu
         per_class.append(row.pop("reg_dice_per_class").reshape(-1))
         rows.append(row)
     reg_net.train(was_training)
-    result = {key: _mean([float(row[key]) for row in rows]) for key in ("reg_dice", "folding_pct", "std_log_det")}
+    result = {"reg_dice": _mean([float(row["reg_dice"]) for row in rows])}
+    # A NaN folding figure is a broken field (non-finite determinants), not a missing value: it is not skipped.
+    result.update({key: sum(float(row[key]) for row in rows) / len(rows) for key in ("folding_pct", "std_log_det")})
     result["reg_dice_per_class"] = _nanmean_rows(per_class)
     result["reg_dice_before"] = _mean(before)
     return result

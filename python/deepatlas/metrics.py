@@ -125,12 +125,13 @@ def _batch_mean(values: Tensor) -> float:
 def registration_metrics(moving_labels, fixed_labels, ddf: Tensor, num_classes: int,
                          spacing: Sequence[float] = (1.0, 1.0, 1.0), per_class: bool = False) -> dict:
     """Registration quality of ``ddf`` ``[N, 3, D, H, W]`` (voxels, the ``warp`` convention), averaged over the
-    batch (NaN entries skipped):
+    batch (NaN Dice entries, from classes absent in both maps, skipped):
 
     - ``reg_dice``: :func:`mean_foreground_dice` between ``warp_labels(moving_labels, ddf, 'nearest')`` and
       ``fixed_labels`` (integer ``[N or 1, 1, D, H, W]`` and ``[N, 1, D, H, W]``, numpy or torch);
     - ``folding_pct``: 100 x the fraction of voxels with det(I + grad u) <= 0 (central differences);
-    - ``std_log_det``: standard deviation of log det over the non-folded voxels;
+    - ``std_log_det``: standard deviation of log det over the non-folded voxels (both NaN when any determinant
+      is NaN or infinite: a broken field, see :func:`deepatlas_cuda.folding_stats`);
     - with ``per_class=True`` also ``reg_dice_per_class``: the :func:`dice_per_class` ``[N, K]`` tensor behind
       ``reg_dice`` (the labels are warped once for both).
 
@@ -143,8 +144,8 @@ def registration_metrics(moving_labels, fixed_labels, ddf: Tensor, num_classes: 
     stats = da.folding_stats(ddf, spacing)
     result = {
         "reg_dice": _batch_mean(_foreground_mean(dice)),
-        "folding_pct": 100 * _batch_mean(stats["fraction_folded"]),
-        "std_log_det": _batch_mean(stats["std_log_det"]),
+        "folding_pct": 100 * float(stats["fraction_folded"].double().mean()),  # NaN: a non-finite field
+        "std_log_det": float(stats["std_log_det"].double().mean()),
     }
     if per_class:
         result["reg_dice_per_class"] = dice
