@@ -35,12 +35,12 @@ def _check_pair(first: Tensor, second: Tensor, names: tuple[str, str], op: str) 
     if first.device != second.device:
         raise ValueError(f"{op}: {names[0]} and {names[1]} must be on the same device, got {first.device} and "
                          f"{second.device}")
-    if first.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{op}: only CPU and CUDA tensors are supported, got {first.device}")
+    if first.device.type not in ("cpu", "cuda", "meta"):  # meta: shapes only, through the fake kernels
+        raise ValueError(f"{op}: only CPU, CUDA and meta tensors are supported, got {first.device}")
     if first.is_cuda and not STATE.cuda_loaded:
         raise RuntimeError(f"{op}: this deepatlas_cuda build has no CUDA kernels; {REBUILD_HINT}")
     dtypes = {first.dtype, second.dtype}
-    if first.is_cuda:
+    if first.device.type != "cpu":
         ok = dtypes == {torch.float64} or torch.float64 not in dtypes
         expected = "both float64, or any mix of float16, bfloat16 and float32"
     else:

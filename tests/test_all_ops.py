@@ -91,11 +91,11 @@ def test_empty_batch_and_channels(n, c, device):
     assert da.warp_labels(labels, ddf.detach(), "soft", num_classes=3).shape == (n, 3, 3, 4, 5)
 
 
-def _differentiable_calls():
+def _differentiable_calls(device="cpu"):
     """(name, fn(ddf) -> output) for every op with a gradient, on small random float64 inputs."""
-    image = torch.rand(1, 2, 5, 6, 7, dtype=torch.float64)
-    labels = torch.randint(0, 3, (1, 1, 5, 6, 7))
-    probabilities = torch.rand(1, 3, 5, 6, 7, dtype=torch.float64).softmax(1)
+    image = torch.rand(1, 2, 5, 6, 7, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 3, (1, 1, 5, 6, 7)).to(device)
+    probabilities = torch.rand(1, 3, 5, 6, 7, dtype=torch.float64).softmax(1).to(device)
     return [
         ("warp", lambda u: da.warp(image, u)),
         ("grid_sample", lambda u: da.grid_sample(image, u.permute(0, 2, 3, 4, 1) / 4)),
@@ -130,3 +130,20 @@ def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(index):
         torch.func.jvp(call, (ddf,), (torch.randn_like(ddf),))
     with torch.autograd.forward_ad.dual_level():  # plain tensors inside a dual level are fine
         assert call(ddf).isfinite().all()
+
+
+def test_meta_tensors_give_every_ops_shapes_and_dtypes():
+    """Meta tensors (shape inference, a model built on device='meta') run every op through its fake kernel:
+    forward and backward, the output shapes and dtypes of the CPU run, no data touched."""
+    cpu_ddf = random_ddf(1, 5, 6, 7, dtype=torch.float64)
+    for index, (name, call) in enumerate(_differentiable_calls()):
+        meta_ddf = cpu_ddf.to("meta").requires_grad_()
+        meta_call = _differentiable_calls(device="meta")[index][1]
+        out, want = meta_call(meta_ddf), call(cpu_ddf)
+        assert out.device.type == "meta" and (out.shape, out.dtype) == (want.shape, want.dtype), name
+        (grad,) = torch.autograd.grad(out.sum(), meta_ddf)
+        assert grad.device.type == "meta" and grad.shape == cpu_ddf.shape, name
+    labels = torch.randint(0, 3, (1, 1, 5, 6, 7), dtype=torch.int16)
+    assert da.warp_labels(labels.to("meta"), cpu_ddf.to("meta")).dtype == torch.int16
+    assert set(da.folding_stats(cpu_ddf.to("meta"))) == {"num_folded", "fraction_folded", "std_log_det",
+                                                          "num_nonfinite"}
