@@ -2,6 +2,8 @@
 against scipy, the slab loop, and known fields and label maps on files stored in another orientation, spacing and
 shape than the model grid the networks run on."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -226,3 +228,29 @@ def test_cli_writes_the_files_grid_unless_space_model(scene, capsys):
             assert image.shape[:3] == shape
             assert np.allclose(image.affine, affine) == (space == "native")
     capsys.readouterr()
+
+
+def test_segment_several_images_into_a_folder(scene, capsys):
+    from deepatlas.cli import main
+    folder, content, _ = scene
+    for name in ("a", "b"):
+        stored(folder / f"{name}.nii.gz", content, flip_first_axis=name == "b")
+    assert main(["segment", str(folder / "a.nii.gz"), str(folder / "b.nii.gz"), "--model", str(folder / "model.pt"),
+                 "--output", str(folder / "segs"), "--json", "--no-progress"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert written == {str(folder / f"{n}.nii.gz"): str(folder / "segs" / f"{n}_seg.nii.gz") for n in "ab"}
+    a, b = (read(folder / "segs" / f"{n}_seg.nii.gz")[0] for n in "ab")
+    np.testing.assert_array_equal(a, b[::-1])  # the same content, stored with the first axis reversed
+    single = inference.segment_file(folder / "model.pt", folder / "a.nii.gz", folder / "a.nii.gz.seg.nii.gz")
+    np.testing.assert_array_equal(read(single["segmentation"])[0], a)
+
+
+def test_segment_output_names_must_be_unambiguous(scene):
+    folder, content, _ = scene
+    for sub in ("x", "y"):
+        stored(folder / sub / "scan.nii.gz", content)
+    images = [folder / "x" / "scan.nii.gz", folder / "y" / "scan.nii.gz"]
+    with pytest.raises(ValueError, match="would both be written to .*scan_seg.nii.gz; rename one"):
+        inference.segment_files(folder / "model.pt", images, folder / "segs")
+    with pytest.raises(ValueError, match="is a file name; with 2 images give a folder"):
+        inference.segment_files(folder / "model.pt", images, folder / "seg.nii.gz")

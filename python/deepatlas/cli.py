@@ -115,8 +115,10 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .inference import segment_file
-    written = segment_file(args.model, args.image, args.output, device=args.device, space=args.space)
+    from .inference import segment_files
+    output = args.output or Path("segmentation.nii.gz" if len(args.image) == 1 else "segmentations")
+    written = segment_files(args.model, args.image, output, device=args.device, space=args.space,
+                            progress=not args.no_progress and len(args.image) > 1)
     _print_written(written, args.json)
     return 0
 
@@ -266,13 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "mm (world RAS)", "the preprocessed FIXED grid, the DDF in its voxels")
     _common(register, json_flag=True)
 
-    segment = command("segment", cmd_segment, "segment IMAGE with a trained model -> label map NIfTI")
-    segment.add_argument("image", type=Path)
+    segment = command("segment", cmd_segment, "segment IMAGE(s) with a trained model -> label map NIfTI(s)")
+    segment.add_argument("image", type=Path, nargs="+")
     segment.add_argument("--model", type=Path, required=True, help="model.pt of a training run")
-    segment.add_argument("--output", type=Path, default=Path("segmentation.nii.gz"))
+    segment.add_argument("--output", type=Path, default=None,
+                         help="a .nii.gz file for one image (default: segmentation.nii.gz), or a folder that receives "
+                              "<image name>_seg.nii.gz per image (default with several images: segmentations)")
     _space_flag(segment, "IMAGE's own grid and affine (class probabilities resampled, then the most probable class)",
                 "the preprocessed grid")
-    _common(segment, json_flag=True)
+    _common(segment, json_flag=True, progress=True)
 
     bench = command("bench", cmd_bench, "time the ops against the plain-PyTorch way (markdown table of ratios)")
     bench.add_argument("--size", type=int, default=96, help="cube edge of the benchmark volume")

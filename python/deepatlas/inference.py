@@ -207,12 +207,45 @@ def _register_native(ddf: Tensor, det: Tensor, moving: Volume, fixed: Volume, de
 def segment_file(model_path: str | Path, image: Path, output: Path, device: str = "cpu",
                  space: str = "native") -> dict[str, Path]:
     """Segment ``image`` with a trained F_S and write the label map (in the original label values when the model
-    was trained with a label_map). ``space='native'`` (default): on the image file's own grid and affine, the
-    class probabilities resampled trilinearly to each voxel, then the most probable class; ``space='model'``: on
-    the preprocessed grid the network ran on."""
-    from .data import save_nifti
+    was trained with a label_map) to ``output``. ``space='native'`` (default): on the image file's own grid and
+    affine, the class probabilities resampled trilinearly to each voxel, then the most probable class;
+    ``space='model'``: on the preprocessed grid the network ran on."""
     _check_space(space)
     model = load_model(model_path, device)
+    _segment(model, Path(image), Path(output), space)
+    return {"segmentation": Path(output)}
+
+
+def segment_files(model_path: str | Path, images: list[Path], output: Path, device: str = "cpu",
+                  space: str = "native", progress: bool = False) -> dict[str, Path]:
+    """:func:`segment_file` for each of ``images``, loading the model once. ``output`` is a .nii / .nii.gz file
+    for a single image (the result is ``{"segmentation": output}``), otherwise a folder that receives
+    ``<image name>_seg.nii.gz`` per image (the result maps each image to its label map)."""
+    from .data.nifti import strip_nifti_suffix
+    _check_space(space)
+    images, output = [Path(i) for i in images], Path(output)
+    if not images:
+        raise ValueError("segment: no image given")
+    if strip_nifti_suffix(output.name) is not None:
+        if len(images) > 1:
+            raise ValueError(f"segment: --output {output} is a file name; with {len(images)} images give a folder")
+        return segment_file(model_path, images[0], output, device, space)
+    targets: dict[Path, Path] = {}
+    for image in images:
+        target = output / f"{strip_nifti_suffix(image.name) or image.stem}_seg.nii.gz"
+        clash = next((other for other, t in targets.items() if t == target), None)
+        if clash is not None:
+            raise ValueError(f"segment: {clash} and {image} would both be written to {target}; rename one")
+        targets[image] = target
+    model = load_model(model_path, device)
+    from tqdm import tqdm
+    for image, target in tqdm(targets.items(), desc="segment", unit="image", disable=not progress):
+        _segment(model, image, target, space)
+    return {str(image): target for image, target in targets.items()}
+
+
+def _segment(model: LoadedModel, image: Path, output: Path, space: str) -> None:
+    from .data import save_nifti
     preprocess = preprocess_of(model.config)
     volume = _read(image, preprocess)
     with torch.no_grad():
@@ -222,7 +255,6 @@ def segment_file(model_path: str | Path, image: Path, output: Path, device: str 
         else:
             classes, affine = _segment_native(logits[0].float().softmax(0), volume), volume.native_affine
     save_nifti(output, _original_labels(classes, preprocess), affine)
-    return {"segmentation": output}
 
 
 def _segment_native(probabilities: Tensor, volume: Volume) -> np.ndarray:
