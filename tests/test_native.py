@@ -254,3 +254,28 @@ def test_segment_output_names_must_be_unambiguous(scene):
         inference.segment_files(folder / "model.pt", images, folder / "segs")
     with pytest.raises(ValueError, match="is a file name; with 2 images give a folder"):
         inference.segment_files(folder / "model.pt", images, folder / "seg.nii.gz")
+
+
+def test_register_with_both_label_maps_scores_the_registration(scene, monkeypatch, capsys):
+    """A field of +1 voxel along the last axis (padded after only) maps the moving labels exactly onto a fixed map
+    that is the same labels one voxel further: Dice 1 after, folding 0, written to metrics.json and printed."""
+    from deepatlas.cli import main
+    folder, content, labels = scene
+    replace_networks(monkeypatch, reg_net=ConstantField([0.0, 0.0, 1.0]))
+    shifted = np.zeros_like(labels)
+    shifted[..., :-1] = labels[..., 1:]
+    stored(folder / "moving.nii.gz", content)
+    stored(folder / "moving_label.nii.gz", labels)
+    stored(folder / "fixed.nii.gz", content)
+    stored(folder / "fixed_label.nii.gz", shifted)
+    argv = ["register", str(folder / "moving.nii.gz"), str(folder / "fixed.nii.gz"), "--model",
+            str(folder / "model.pt"), "--moving-label", str(folder / "moving_label.nii.gz"), "--fixed-label",
+            str(folder / "fixed_label.nii.gz"), "--output", str(folder / "out")]
+    assert main(argv) == 0
+    assert "1.000 after; 0.000% folding voxels" in capsys.readouterr().out
+    scores = json.loads((folder / "out" / "metrics.json").read_text())
+    assert scores["dice_after"] == 1.0 and scores["dice_per_class_after"] == [1.0] * K
+    assert 0 < scores["dice_before"] < 0.5 and scores["folding_pct"] == 0.0 and scores["std_log_det"] == 0.0
+    with pytest.raises(ValueError, match="give --moving-label too"):
+        inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
+                                 folder / "out", fixed_label=folder / "fixed_label.nii.gz")

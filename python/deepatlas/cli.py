@@ -109,8 +109,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from .inference import register_files
     written = register_files(args.model, args.moving, args.fixed, args.output, moving_label=args.moving_label,
-                             device=args.device, space=args.space)
+                             device=args.device, space=args.space, fixed_label=args.fixed_label)
     _print_written(written, args.json)
+    if "metrics" in written and not args.json:
+        scores = json.loads(written["metrics"].read_text())
+        print(f"Dice {scores['dice_before']:.3f} before, {scores['dice_after']:.3f} after; "
+              f"{scores['folding_pct']:.3f}% folding voxels")
     return 0
 
 
@@ -263,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("fixed", type=Path)
     register.add_argument("--model", type=Path, required=True, help="model.pt of a training run")
     register.add_argument("--moving-label", type=Path, help="label map of MOVING, warped with nearest neighbour")
+    register.add_argument("--fixed-label", type=Path, help="label map of FIXED: with --moving-label, writes "
+                                                           "metrics.json (Dice before / after, folding)")
     register.add_argument("--output", type=Path, default=Path("registered"), help="output folder")
     _space_flag(register, "FIXED's own grid and affine: the moving file's intensities and label values, the DDF in "
                           "mm (world RAS)", "the preprocessed FIXED grid, the DDF in its voxels")

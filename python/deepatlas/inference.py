@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import deepatlas_cuda as da
 
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint
 from .config import TrainConfig
 from .native import apply_affine, sample, slab_points, slabs, voxel_map
 from .run import preprocess_of
@@ -125,9 +125,12 @@ def _check_space(space: str) -> None:
 
 
 def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Path,
-                   moving_label: Path | None = None, device: str = "cpu", space: str = "native") -> dict[str, Path]:
+                   moving_label: Path | None = None, device: str = "cpu", space: str = "native",
+                   fixed_label: Path | None = None) -> dict[str, Path]:
     """Register ``moving`` to ``fixed`` with a trained F_R. Writes ``warped.nii.gz``, ``ddf.nii.gz``,
-    ``jacobian_det.nii.gz`` and, with ``moving_label``, ``warped_label.nii.gz`` (nearest neighbour).
+    ``jacobian_det.nii.gz`` and, with ``moving_label``, ``warped_label.nii.gz`` (nearest neighbour). With both
+    ``moving_label`` and ``fixed_label``, ``metrics.json`` scores the registration as ``evaluate`` does, on the
+    model grid: mean foreground Dice before and after, Dice per class after, % folding voxels, SD of log det.
 
     ``space='native'`` (default): on the fixed file's own grid and affine. The warped image and labels are sampled
     from the moving file as stored (its intensities and original label values; zero outside it); the DDF is
@@ -139,8 +142,11 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
     _check_space(space)
     model = load_model(model_path, device)
     preprocess = preprocess_of(model.config)
+    if fixed_label is not None and moving_label is None:
+        raise ValueError("register: a fixed label map scores the registration against the warped moving one; give "
+                         "--moving-label too")
     moving_volume = _read(moving, preprocess, moving_label)
-    fixed_volume = _read(fixed, preprocess)
+    fixed_volume = _read(fixed, preprocess, fixed_label)
     if moving_volume.image.shape != fixed_volume.image.shape:
         raise ValueError(f"moving {moving} {moving_volume.image.shape} and fixed {fixed} {fixed_volume.image.shape} "
                          f"differ in shape after preprocessing; resample both to one shape first")
@@ -162,6 +168,8 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
             warped, labels, ddf_out, det_out = _register_native(ddf[0], det, moving_volume, fixed_volume,
                                                                 model.device)
             affine = fixed_volume.native_affine
+        scores = None if fixed_label is None else _registration_scores(moving_volume, fixed_volume, ddf,
+                                                                       model.num_classes)
     written = {"warped": output / "warped.nii.gz", "ddf": output / "ddf.nii.gz",
                "jacobian": output / "jacobian_det.nii.gz"}
     save_nifti(written["warped"], warped, affine)
@@ -170,7 +178,22 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
     if labels is not None:
         written["warped_label"] = output / "warped_label.nii.gz"
         save_nifti(written["warped_label"], labels, affine)
+    if scores is not None:
+        written["metrics"] = output / "metrics.json"
+        atomic_write(written["metrics"], lambda handle: handle.write(json.dumps(scores, indent=1).encode()))
     return written
+
+
+def _registration_scores(moving: Volume, fixed: Volume, ddf: Tensor, num_classes: int) -> dict[str, Any]:
+    """What ``evaluate`` reports for one pair, on the model grid (classes 0..K-1; NaN Dice: class in neither map)."""
+    from .metrics import mean_foreground_dice, registration_metrics
+    as_tensor = (lambda a: torch.from_numpy(a)[None, None].to(ddf.device))
+    moving_labels, fixed_labels = as_tensor(moving.label), as_tensor(fixed.label)
+    after = registration_metrics(moving_labels, fixed_labels, ddf, num_classes, per_class=True)
+    before = float(mean_foreground_dice(moving_labels, fixed_labels, num_classes))
+    return {"dice_before": before, "dice_after": after["reg_dice"],
+            "dice_per_class_after": after["reg_dice_per_class"][0].tolist(),
+            "folding_pct": after["folding_pct"], "std_log_det": after["std_log_det"]}
 
 
 def _register_native(ddf: Tensor, det: Tensor, moving: Volume, fixed: Volume, device: torch.device):
