@@ -17,6 +17,7 @@ from deepatlas.data import save_nifti
 from deepatlas.trainer import build_networks
 from training_helpers import tiny_config
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 SHAPE = (13, 14, 15)          # not a multiple of 16: the model grid is padded to 16^3
 SPACING = 1.5
 K = 4
@@ -55,7 +56,7 @@ class ConstantField(nn.Module):
 
     def __init__(self, shift):
         super().__init__()
-        self.shift = torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1, 1)
+        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1, 1))
 
     def forward(self, moving, fixed):
         return self.shift.expand(moving.shape[0], 3, *moving.shape[2:]).clone()
@@ -77,8 +78,8 @@ def replace_networks(monkeypatch, reg_net=None, seg_net=None):
 
     def patched(path, device="cpu"):
         model = load(path, device)
-        model.reg_net = reg_net or model.reg_net
-        model.seg_net = seg_net or model.seg_net
+        model.reg_net = (reg_net or model.reg_net).to(model.device)
+        model.seg_net = (seg_net or model.seg_net).to(model.device)
         return model
     monkeypatch.setattr(inference, "load_model", patched)
     monkeypatch.setattr(native, "SLAB_VALUES", 700)  # a few rows per slab: the loop runs many times
@@ -108,8 +109,9 @@ def test_slabs_cover_every_row_once_within_the_budget(monkeypatch):
     assert [r.stop - r.start for r in native.slabs((2, 50, 50), channels=8)] == [1, 1]  # at least one row
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("moving_flipped", [False, True])
-def test_register_native_moves_the_moving_file_by_the_field_in_mm(scene, monkeypatch, moving_flipped):
+def test_register_native_moves_the_moving_file_by_the_field_in_mm(scene, monkeypatch, moving_flipped, device):
     """A field of +1 model voxel along the first (R) axis: on the fixed file's grid the warped image is the moving
     file's content one voxel further along R (zero past its edge), in its own intensities and label values, however
     the moving file is stored; the world DDF is (+1.5, 0, 0) mm and the Jacobian determinant 1."""
@@ -119,7 +121,7 @@ def test_register_native_moves_the_moving_file_by_the_field_in_mm(scene, monkeyp
     stored(folder / "moving_label.nii.gz", labels, flip_first_axis=moving_flipped)
     fixed_affine = stored(folder / "fixed.nii.gz", np.random.default_rng(2).uniform(0, 1, SHAPE))
     written = inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
-                                       folder / "out", moving_label=folder / "moving_label.nii.gz")
+                                       folder / "out", moving_label=folder / "moving_label.nii.gz", device=device)
     for path in written.values():
         np.testing.assert_allclose(read(path)[1], fixed_affine)
     warped, warped_label = read(written["warped"])[0], read(written["warped_label"])[0]
@@ -150,14 +152,16 @@ def test_register_model_space_writes_the_network_grid(scene, monkeypatch):
     np.testing.assert_allclose(read(written["ddf"])[0][..., 0], 1)
 
 
-def test_segment_native_is_the_model_grid_classes_at_each_file_voxel(scene, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_segment_native_is_the_model_grid_classes_at_each_file_voxel(scene, monkeypatch, device):
     """Reorientation and padding only: every voxel of the file is a model-grid voxel, so the native map is the
     model's (random) classes reoriented and cropped, in original label values."""
     folder, content, _ = scene
     logits = torch.randn(1, K, 16, 16, 16, generator=torch.Generator().manual_seed(3))
-    replace_networks(monkeypatch, seg_net=FixedLogits(lambda image: logits))
+    replace_networks(monkeypatch, seg_net=FixedLogits(lambda image: logits.to(image.device)))
     affine = stored(folder / "image.nii.gz", content, flip_first_axis=True)
-    written = inference.segment_file(folder / "model.pt", folder / "image.nii.gz", folder / "seg.nii.gz")
+    written = inference.segment_file(folder / "model.pt", folder / "image.nii.gz", folder / "seg.nii.gz",
+                                     device=device)
     segmentation, written_affine = read(written["segmentation"])
     np.testing.assert_allclose(written_affine, affine)
     classes = logits[0].argmax(0).numpy()[1:14, 1:15, 0:15]  # RAS model grid, padding 1 / 1 / 0 before
