@@ -327,3 +327,19 @@ def test_train_and_evaluate_on_a_nifti_manifest(tmp_path, capsys):
     assert len(list((tmp_path / "run" / "data_cache").iterdir())) == 6  # preprocessed once, reused by evaluate
     evaluated = run_json(capsys, ["evaluate", str(tmp_path / "run"), "--json"])["results"][0]
     assert evaluated["seg_dice"] == pytest.approx(joint["seg_dice"], abs=1e-6)
+    # The same two test images listed elsewhere (another manifest, any split; a folder): the same scores.
+    (tmp_path / "other.csv").write_text("image,label\ns4.nii.gz,s4_label.nii.gz\ns5.nii.gz,s5_label.nii.gz\n")
+    for name in ("s4", "s5"):
+        for kind, file in (("images", f"{name}.nii.gz"), ("labels", f"{name}_label.nii.gz")):
+            (tmp_path / "folder" / kind).mkdir(parents=True, exist_ok=True)
+            os.link(tmp_path / file, tmp_path / "folder" / kind / f"{name}.nii.gz")
+    for source in ("other.csv", "folder"):
+        elsewhere = run_json(capsys, ["evaluate", str(tmp_path / "run"), "--data", str(tmp_path / source),
+                                      "--json"])["results"][0]
+        for key in ("seg_dice", "reg_dice", "folding_pct"):
+            assert elsewhere[key] == pytest.approx(evaluated[key], abs=1e-9)
+        assert elsewhere["data"] == str(tmp_path / source)
+    (tmp_path / "unlabelled.csv").write_text("image\ns2.nii.gz\n")
+    for source, message in ((tmp_path / "unlabelled.csv", "no labelled image"), ("synthetic", "folder or a manifest")):
+        assert main(["evaluate", str(tmp_path / "run"), "--data", str(source)]) == 2
+        assert message in capsys.readouterr().err

@@ -102,7 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .inference import evaluate_runs
-    _report(evaluate_runs(args.run, device=args.device), args.json)
+    _report(evaluate_runs(args.run, device=args.device, data=args.data), args.json)
     return 0
 
 
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("evaluate", cmd_evaluate, "evaluate trained model(s) on the test split of their data")
     evaluate.add_argument("run", type=Path, help="a model.pt, a run folder, or a compare/demo folder")
+    evaluate.add_argument("--data", help="evaluate on every labelled image of this folder or manifest instead "
+                                         "(read with the model's preprocessing)")
     _common(evaluate, json_flag=True)
 
     register = command("register", cmd_register, "register MOVING to FIXED: warped image (+ labels), DDF and "

@@ -57,9 +57,10 @@ def find_models(run: str | Path) -> list[Path]:
     return found
 
 
-def evaluate_runs(run: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
-    """Evaluate every model under ``run`` on the test split of the data it was trained on. Training time and peak
-    memory come from the run's ``results.json`` when present."""
+def evaluate_runs(run: str | Path, device: str = "cpu", data: str | Path | None = None) -> list[dict[str, Any]]:
+    """Evaluate every model under ``run`` on the test split of the data it was trained on, or with ``data`` (a
+    folder or a manifest of NIfTI files) on every labelled image there, read with the model's preprocessing.
+    Training time and peak memory come from the run's ``results.json`` when present."""
     from .evaluate import evaluate_registration, evaluate_segmentation
     from .run import TRAINS_REGISTRATION, TRAINS_SEGMENTATION, prepare_data
 
@@ -68,9 +69,9 @@ def evaluate_runs(run: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
         model = load_model(path, device)
         cfg = model.config
         key = json.dumps([cfg.data, cfg.num_train, cfg.num_test, cfg.shape, cfg.num_classes, cfg.data_seed,
-                          cfg.preprocess])
+                          cfg.preprocess, None if data is None else str(data)])
         if key not in datasets:
-            datasets[key] = prepare_data(cfg)
+            datasets[key] = prepare_data(cfg) if data is None else _labelled_files(data, cfg, model.num_classes)
         dataset = datasets[key]
         images, labels = dataset.test_images.to(model.device), dataset.test_labels.to(model.device)
         # As training's own evaluation (run.run_method): registration Dice needs a pair, segmentation one image.
@@ -89,6 +90,8 @@ def evaluate_runs(run: str | Path, device: str = "cpu") -> list[dict[str, Any]]:
             recorded = json.loads(trained.read_text())
             result.update({k: recorded.get(k) for k in ("seconds", "peak_mem_mb", "steps")})
         result["model"] = str(path)
+        if data is not None:
+            result["data"] = str(data)
         results.append(result)
     return results
 
@@ -106,6 +109,30 @@ class Volume:
     native_image: np.ndarray    # [D', H', W'] the file's own array and intensities
     native_label: np.ndarray | None  # [D', H', W'] int64 original label values
     native_affine: np.ndarray   # the file's voxel -> world
+
+
+@dataclass
+class _TestSet:
+    test_images: Tensor  # [T, 1, D, H, W] float32
+    test_labels: Tensor  # [T, 1, D, H, W] int64
+
+
+def _labelled_files(source: str | Path, config: TrainConfig, num_classes: int) -> _TestSet:
+    """Every labelled image of ``source`` (folder or manifest, any split), preprocessed as ``config`` says, with
+    classes checked against the model's ``num_classes``."""
+    from .data import load_dataset, stack_subjects
+    if str(source) in ("synthetic", "mni"):
+        raise ValueError(f"evaluate --data takes a folder or a manifest of NIfTI files, got {source!r}; without "
+                         f"--data a model is evaluated on the test split of the data it was trained on")
+    subjects = [s for s in load_dataset(str(source), preprocess=preprocess_of(config)) if s.labelled]
+    if not subjects:
+        raise ValueError(f"evaluate --data {source}: no labelled image (a label map per image is needed to score)")
+    largest = max(int(s.label.max()) for s in subjects)
+    if largest >= num_classes:
+        raise ValueError(f"evaluate --data {source}: label value {largest} after the model's label_map, but the "
+                         f"model has {num_classes} classes (0..{num_classes - 1})")
+    images, labels, _ = stack_subjects(subjects)
+    return _TestSet(images, labels)
 
 
 def _read(path: Path, preprocess, label_path: Path | None = None) -> Volume:
