@@ -367,6 +367,30 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     assert (tmp_path / "ddp" / LATEST).exists()
 
 
+def _ddp_batch_norm_worker(rank, world_size, init_file, output):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        config = tiny_config(output, batch_size=2, seg_norm="batch")
+        trainer = Trainer(config, tiny_volumes(config), config.num_classes, progress=False).fit()
+        torch.save(dict(trainer.seg_module.named_buffers()), Path(output) / f"buffers{rank}.pt")
+    finally:
+        end_process_group()
+
+
+def test_ddp_batch_norm_running_statistics_are_the_same_in_every_process(tmp_path):
+    """Each process updates F_S's BatchNorm running statistics from its own share; they are averaged after every
+    segmentation step, so the frozen F_S of the registration steps (stand-in labels) is one network."""
+    torch.multiprocessing.spawn(_ddp_batch_norm_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                                join=True)
+    first, second = (torch.load(tmp_path / f"buffers{rank}.pt", weights_only=True) for rank in range(2))
+    assert first.keys() == second.keys() and any("running_var" in name for name in first)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert all(first[n].abs().sum() > 0 for n in first if "running_mean" in n)  # the statistics were updated
+
+
 def _ddp_diverging_fit(rank, output) -> str:
     """Rank 1's registration loss jumps 10^4-fold at step 33; returns the error the rank stopped with."""
     config = tiny_config(output, batch_size=2, seg_norm="instance", reg_pretrain_steps=40, checkpoint_every=10)

@@ -205,12 +205,24 @@ class Trainer:
             else:
                 loss, parts = self.losses.supervised(self.models, batch)
                 grad_norm = self._optimise(self.seg_opt, loss)
+            self._average_running_statistics()
         if grad_norm is not None:
             parts["grad_norm"] = grad_norm
         self._stop_if_diverged(phase, kind, parts["loss"])
         parts["seconds"] = time.perf_counter() - start
         parts["peak_mem_mb"] = self.peak.peak_mb()
         return parts
+
+    def _average_running_statistics(self) -> None:
+        """Under DDP, average F_S's normalisation running statistics (BatchNorm) over the processes after each
+        segmentation step: each process updated them from its own share of the batch, and the frozen F_S that
+        predicts stand-in labels in registration steps must be the same network in every process."""
+        if self.world_size == 1:
+            return
+        for buffer in self.seg_module.buffers():
+            if buffer.is_floating_point():
+                torch.distributed.all_reduce(buffer)
+                buffer /= self.world_size
 
     def _stop_if_diverged(self, phase, kind: str, loss: float) -> None:
         """FloatingPointError on a non-finite loss or a jump (deepatlas.divergence), in every DDP process when one
