@@ -381,6 +381,26 @@ def test_divisible_by_keeps_world_coordinates():
     np.testing.assert_allclose(world(cropped_affine, (0, 0, 0)), world(affine, (2, 0, 3)))
 
 
+def test_crop_shape_then_divisible_by_keeps_world_coordinates():
+    """A head in a large field of view: crop_shape crops (and pads) around the centre, then divisible_by pads; every
+    kept voxel keeps its world position, and the label map is cropped the same way."""
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(30, 12, 20)).astype(np.float32)
+    label = rng.integers(0, 3, image.shape)
+    affine = affine_with(spacing=(1.0, 2.0, 1.5))
+    settings = Preprocess(orientation=None, percentiles=None, crop_shape=(20, 14, 20), divisible_by=8)
+    out, out_label, out_affine = settings.apply(image, label, affine)
+    assert out.shape == (24, 16, 24)  # 20 -> 24, 14 -> 16, 20 -> 24
+    # crop_shape: axis 0 cropped by 5 (30 -> 20), axis 1 padded by 1 before (12 -> 14); divisible_by: 2 / 1 / 2 before
+    np.testing.assert_allclose(out[2:22, 2:14, 2:22], (image[5:25] - image.min()) / np.ptp(image), rtol=1e-6)
+    np.testing.assert_array_equal(out_label[2:22, 2:14, 2:22], label[5:25])
+    np.testing.assert_allclose(world(out_affine, (2, 2, 2)), world(affine, (5, 0, 0)))
+    assert Preprocess(crop_shape=[64.0, 64, 64]).crop_shape == (64, 64, 64)
+    for bad in [(1, 2), (0, 1, 1), (1.5, 2, 3), (True, 2, 3)]:
+        with pytest.raises(ValueError, match="Preprocess.crop_shape must be three positive ints"):
+            Preprocess(crop_shape=bad)
+
+
 # ---------------------------------------------------------------- cache and saving
 
 def test_cache_hit_on_second_load(folder, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass
 
 import nibabel.orientations as nio
@@ -94,14 +95,17 @@ class Preprocess(DictRecord):
     """Which preprocessing steps to apply to a loaded volume (each one optional; None switches it off).
 
     Order: reorient to ``orientation`` -> resample to ``spacing`` (mm) or to ``shape`` (voxels; give one of the
-    two) -> clip to ``percentiles`` and rescale to [0, 1] (min / max when None) -> centred pad to the next multiple
-    of ``divisible_by`` -> remap labels through ``label_map`` {original: new}.
+    two) -> clip to ``percentiles`` and rescale to [0, 1] (min / max when None) -> centred crop / pad to
+    ``crop_shape`` (voxels; e.g. the head out of a large field of view) -> centred pad to the next multiple of
+    ``divisible_by`` -> remap labels through ``label_map`` {original: new}. Crops and pads keep every voxel's world
+    position (the affine's translation follows).
     """
 
     orientation: str | None = "RAS"
     spacing: tuple | None = None
     shape: tuple | None = None
     percentiles: tuple | None = (0.5, 99.5)
+    crop_shape: tuple | None = None
     divisible_by: int | None = 16
     label_map: dict[int, int] | None = None
 
@@ -116,16 +120,20 @@ class Preprocess(DictRecord):
                 raise ValueError(f"Preprocess.orientation must have 3 letters, got {self.orientation!r}")
         if self.spacing is not None and self.shape is not None:
             raise ValueError("Preprocess: give spacing or shape, not both")
-        for name in ("spacing", "shape", "percentiles"):
+        for name in ("spacing", "percentiles"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
             raise ValueError(f"Preprocess.spacing must be three positive sizes in mm, got {self.spacing}")
-        if self.shape is not None:
-            self.shape = tuple(int(s) for s in self.shape)
-            if len(self.shape) != 3 or min(self.shape) < 1:
-                raise ValueError(f"Preprocess.shape must be three positive ints, got {self.shape}")
+        for name in ("shape", "crop_shape"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(value)
+                whole = (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer())
+                if len(value) != 3 or not all(whole(v) and v >= 1 for v in value):
+                    raise ValueError(f"Preprocess.{name} must be three positive ints, got {value}")
+                setattr(self, name, tuple(int(v) for v in value))
         if self.percentiles is not None and not (len(self.percentiles) == 2
                                                  and 0 <= self.percentiles[0] < self.percentiles[1] <= 100):
             raise ValueError(f"Preprocess.percentiles must be (low, high) with 0 <= low < high <= 100, "
@@ -158,12 +166,14 @@ class Preprocess(DictRecord):
             label = None if label is None else resample(label, affine, target, order=0)[0]
             image, affine = new_image, new_affine
         image = normalise_intensity(image, self.percentiles)
+        sizes = [self.crop_shape]
         if self.divisible_by is not None:
             k = int(self.divisible_by)
-            padded = tuple(-(-n // k) * k for n in image.shape)
-            if padded != image.shape:
-                new_image, new_affine = crop_or_pad(image, affine, padded)
-                label = None if label is None else crop_or_pad(label, affine, padded)[0]
+            sizes.append(tuple(-(-n // k) * k for n in (self.crop_shape or image.shape)))
+        for size in sizes:
+            if size is not None and size != image.shape:
+                new_image, new_affine = crop_or_pad(image, affine, size)
+                label = None if label is None else crop_or_pad(label, affine, size)[0]
                 image, affine = new_image, new_affine
         if label is not None:
             label = label.astype(np.int64)
