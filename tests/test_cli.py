@@ -343,3 +343,23 @@ def test_train_and_evaluate_on_a_nifti_manifest(tmp_path, capsys):
     for source, message in ((tmp_path / "unlabelled.csv", "no labelled image"), ("synthetic", "folder or a manifest")):
         assert main(["evaluate", str(tmp_path / "run"), "--data", str(source)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_validation_images_are_scored_at_every_checkpoint(tmp_path, capsys):
+    """Split "val" images (labelled) are scored at each checkpoint into metrics rows of kind "val"; they take no
+    part in training or in the test scores."""
+    rows = ["image,label,split"]
+    for i, split in enumerate(["train", "train", "train", "val", "val", "test", "test"]):
+        _write_subject(tmp_path, f"s{i}", 30 + i)
+        rows.append(f"s{i}.nii.gz,s{i}_label.nii.gz,{split}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    report = run_json(capsys, ["train", *TINY_FLAGS, "--data", str(tmp_path / "data.csv"), "--num-labelled", "1",
+                               "--checkpoint-every", "5", "--output", str(tmp_path / "run"), "--json"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    validation = [row for row in metrics if row["kind"] == "val"]
+    steps = report["results"][0]["steps"]
+    assert [row["step"] for row in validation] == sorted({*range(5, steps + 1, 5), 4, 7, 9, steps})
+    for row in validation:
+        assert 0 <= row["val_reg_dice"] <= 1 and 0 <= row["val_seg_dice"] <= 1 and row["val_folding_pct"] >= 0
+    trained = [row for row in metrics if row["kind"] != "val"]
+    assert report["results"][0]["seconds"] == pytest.approx(sum(r["seconds"] * r["steps"] for r in trained))

@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from .checkpoint import atomic_write
 from .config import TrainConfig
 from .evaluate import evaluate_registration, evaluate_segmentation
 from .pairs import Volumes
-from .trainer import Trainer
+from .trainer import VALIDATION, Trainer
 
 log = logging.getLogger("deepatlas")
 
@@ -35,6 +35,8 @@ class Dataset:
     lr_axis: int
     train_subjects: list
     test_subjects: list
+    val_images: Tensor | None = None   # [V, 1, D, H, W]: labelled split-"val" images, scored at every checkpoint
+    val_labels: Tensor | None = None
 
 
 def prepare_data(config: TrainConfig) -> Dataset:
@@ -46,11 +48,13 @@ def prepare_data(config: TrainConfig) -> Dataset:
         subjects = data.synthetic_subjects(config.num_train + config.num_test, shape=config.shape,
                                            num_classes=config.num_classes, seed=config.data_seed, base=config.data)
         train, test = subjects[:config.num_train], subjects[config.num_train:]
+        val = []
     else:
         subjects = data.load_dataset(config.data, preprocess=preprocess_of(config),
                                      cache_dir=Path(config.output) / "data_cache", num_workers=config.num_workers)
         train = [s for s in subjects if s.split == "train"]
         test = [s for s in subjects if s.split == "test" and s.label is not None]
+        val = [s for s in subjects if s.split == "val" and s.label is not None]
     if len(train) < 2:
         raise ValueError(f"{config.data}: training needs at least 2 images (split 'train'), got {len(train)}")
     num_classes = data.num_classes_of(subjects)
@@ -67,7 +71,9 @@ def prepare_data(config: TrainConfig) -> Dataset:
     lr_axis = data.left_right_axis(train) if config.flip else 0  # 0: unused without flips
     if config.flip and config.reads_files:
         _warn_unpaired_sides(config, train, lr_axis, num_classes)
-    return Dataset(Volumes(images, labels, labelled), test_images, test_labels, num_classes, lr_axis, train, test)
+    val_images, val_labels = data.stack_subjects(val)[:2] if val else (None, None)
+    return Dataset(Volumes(images, labels, labelled), test_images, test_labels, num_classes, lr_axis, train, test,
+                   val_images, val_labels)
 
 
 def preprocess_of(config: TrainConfig):
@@ -102,12 +108,32 @@ def _keep_first(labelled: Tensor, count: int) -> Tensor:
     return keep
 
 
+def _validation(config: TrainConfig, dataset: Dataset) -> Callable[[Trainer], dict[str, float]] | None:
+    """The scores of the networks being trained on the validation images (None without any): registration Dice
+    and % folding over up to ``eval_pairs`` pairs, segmentation Dice, as the test evaluation computes them."""
+    if dataset.val_images is None:
+        return None
+
+    def validate(trainer: Trainer) -> dict[str, float]:
+        images, labels = dataset.val_images.to(trainer.device), dataset.val_labels.to(trainer.device)
+        row = {}
+        if config.method in TRAINS_REGISTRATION and images.shape[0] >= 2:
+            scores = evaluate_registration(trainer.reg_module, images, labels, dataset.num_classes,
+                                           config.eval_pairs)
+            row.update(val_reg_dice=scores["reg_dice"], val_folding_pct=scores["folding_pct"])
+        if config.method in TRAINS_SEGMENTATION:
+            row["val_seg_dice"] = evaluate_segmentation(trainer.seg_module, images, labels,
+                                                        dataset.num_classes)["seg_dice"]
+        return row
+    return validate
+
+
 def run_method(config: TrainConfig, dataset: Dataset, output: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train ``config.method`` into ``output`` (resuming from its checkpoint if there is one), evaluate on the
     test set and write ``results.json``. Returns the results row."""
     output = Path(output)
     trainer = Trainer(config, dataset.train, dataset.num_classes, output=output, lr_axis=dataset.lr_axis,
-                      progress=progress)
+                      progress=progress, validation=_validation(config, dataset))
     if trainer.resume():
         log.info("%s: resuming at step %d", config.method, trainer.step)
     trainer.fit()
@@ -121,7 +147,7 @@ def run_method(config: TrainConfig, dataset: Dataset, output: str | Path, progre
                                             config.eval_pairs))
     if images.shape[0] >= 1 and config.method in TRAINS_SEGMENTATION:
         result.update(evaluate_segmentation(trainer.seg_module, images, labels, dataset.num_classes))
-    rows = trainer.metrics
+    rows = [row for row in trainer.metrics if row["kind"] != VALIDATION]
     result["seconds"] = sum(row["seconds"] * row["steps"] for row in rows)
     result["peak_mem_mb"] = max((row["peak_mem_mb"] for row in rows), default=0.0)
     result["steps"] = trainer.step

@@ -10,7 +10,7 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ log = logging.getLogger("deepatlas")
 
 LATEST = "checkpoint_latest.pt"
 MODEL = "model.pt"
+VALIDATION = "val"  # the metrics rows of the validation images' scores
 # Fields that may differ between a run and its resumption (they do not change what training computes; eval_pairs
 # only what is evaluated after it).
 _RESUMABLE_CHANGES = {"device", "output", "log_every", "checkpoint_every", "divergence_ratio", "num_workers",
@@ -54,8 +55,10 @@ class Trainer:
     equal share of every global batch."""
 
     def __init__(self, config: TrainConfig, volumes: Volumes, num_classes: int, output: str | Path | None = None,
-                 lr_axis: int = 0, progress: bool = True) -> None:
+                 lr_axis: int = 0, progress: bool = True,
+                 validation: Callable[["Trainer"], dict[str, float]] | None = None) -> None:
         self.config = config
+        self.validation = validation
         self.num_classes = num_classes
         self.output = Path(output if output is not None else config.output)
         self.lr_axis = lr_axis
@@ -180,11 +183,20 @@ class Trainer:
                 if checkpoint_due or self.step % self.config.log_every == 0:
                     self._log_window(window)
                 if checkpoint_due:
+                    self._validate(phase)
                     self.save()
         finally:
             if bar is not None:
                 bar.close()
         return self
+
+    def _validate(self, phase) -> None:
+        """A metrics row of kind "val" with ``validation``'s scores (rank 0 only: it alone writes the metrics)."""
+        if self.validation is None or not self.is_main:
+            return
+        scores = self.validation(self)
+        self.metrics.append({"step": self.step, "phase": phase.name, "kind": VALIDATION, **scores})
+        log.info("step %d, validation: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
     def _train_step(self, phase, kind: str) -> dict[str, float]:
         cfg = self.config
