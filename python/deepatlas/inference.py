@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import deepatlas_cuda as da
 
 from .checkpoint import atomic_write, load_checkpoint
-from .config import TrainConfig
+from .config import EMBEDDED_DATA, TrainConfig
 from .native import apply_affine, sample, slab_points, slabs, voxel_map
 from .run import preprocess_of
 from .trainer import MODEL, build_networks
@@ -121,7 +121,7 @@ def _labelled_files(source: str | Path, config: TrainConfig, num_classes: int) -
     """Every labelled image of ``source`` (folder or manifest, any split), preprocessed as ``config`` says, with
     classes checked against the model's ``num_classes``."""
     from .data import load_dataset, stack_subjects
-    if str(source) in ("synthetic", "mni"):
+    if str(source) in EMBEDDED_DATA:
         raise ValueError(f"evaluate --data takes a folder or a manifest of NIfTI files, got {source!r}; without "
                          f"--data a model is evaluated on the test split of the data it was trained on")
     subjects = [s for s in load_dataset(str(source), preprocess=preprocess_of(config)) if s.labelled]
