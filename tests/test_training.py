@@ -4,6 +4,7 @@ atomic checkpoints, DDP with 2 gloo processes equal to one process with the same
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -145,6 +146,17 @@ def test_tiny_training_decreases_every_loss(tmp_path, device, amp):
         ddf = trainer.reg_module(batches[REG].moving, batches[REG].fixed)
     assert ddf.dtype == {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     assert trainer.scaler.is_enabled() == (amp == "fp16")
+
+
+@pytest.mark.parametrize("num_labelled, warned", [(6, True), (4, False), (-1, False)])
+def test_asking_for_more_labelled_images_than_exist_warns(tmp_path, caplog, num_labelled, warned):
+    from deepatlas.run import prepare_data
+    config = tiny_config(tmp_path, num_train=4, num_labelled=num_labelled)
+    with caplog.at_level(logging.WARNING, logger="deepatlas"):
+        dataset = prepare_data(config)
+    assert int(dataset.train.labelled.sum()) == 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert (messages == ["num_labelled is 6 but only 4 training image(s) have a label map: using those"]) == warned
 
 
 def test_registration_net_starts_at_identity(tmp_path):

@@ -61,6 +61,9 @@ def prepare_data(config: TrainConfig) -> Dataset:
     if config.data == "synthetic":
         num_classes = max(num_classes, config.num_classes)
     images, labels, labelled = data.stack_subjects(train)
+    if config.num_labelled > int(labelled.sum()):
+        log.warning("num_labelled is %d but only %d training image(s) have a label map: using those",
+                    config.num_labelled, int(labelled.sum()))
     labelled = _keep_first(labelled, config.num_labelled)
     labels = torch.where(labelled.view(-1, 1, 1, 1, 1), labels, torch.zeros_like(labels))
     if test:
