@@ -221,6 +221,11 @@ def test_manifests_csv_and_json(folder):
     (root / "bad.csv").write_text("image,label,split\nimages/a.nii.gz,,holdout\n")
     with pytest.raises(ValueError, match="split"):
         load_manifest(root / "bad.csv")
+    # The same image twice (here in the training and the test split, spelled two ways): test data would leak.
+    (root / "twice.csv").write_text(f"image,label,split\nimages/a.nii.gz,,train\nimages/b.nii.gz,,train\n"
+                                    f"{root / 'images' / 'a.nii.gz'},,test\n")
+    with pytest.raises(ValueError, match=r"twice.csv: entries 1 and 3 list the same image .*a.nii.gz"):
+        load_manifest(root / "twice.csv")
 
 
 def test_missing_file_named(folder):

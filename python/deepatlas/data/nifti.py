@@ -242,7 +242,7 @@ def load_manifest(path: str | os.PathLike, preprocess: Preprocess | None = None,
     """Subjects listed in a manifest: CSV with columns image,label,split (label and split optional / may be empty)
     or a JSON list of {"image": ..., "label": ..., "split": ...}. Relative paths are relative to the manifest."""
     path = Path(path)
-    entries = []
+    entries, rows_of = [], {}
     for number, row in enumerate(manifest_rows(path), start=1):
         if not row.get("image"):
             raise ValueError(f"manifest {path}, entry {number}: missing 'image' (got keys {sorted(row)})")
@@ -254,5 +254,8 @@ def load_manifest(path: str | os.PathLike, preprocess: Preprocess | None = None,
         for file in (image, label):
             if file is not None and not file.is_file():
                 raise FileNotFoundError(f"manifest {path}, entry {number}: file not found: {file}")
+        first = rows_of.setdefault(image.resolve(), number)
+        if first != number:  # e.g. one image in both the train and the test split
+            raise ValueError(f"manifest {path}: entries {first} and {number} list the same image {image}")
         entries.append(Entry(image, label, split, strip_nifti_suffix(image.name) or image.stem))
     return load_entries(entries, preprocess, cache_dir, num_workers, f"load_manifest({path})")
