@@ -54,7 +54,7 @@ def stack_subjects(subjects: Sequence[Subject]) -> tuple[torch.Tensor, torch.Ten
         if subject.image.shape != shape:
             raise ValueError(f"stack_subjects: subject {subject.name!r} has shape {subject.image.shape} but "
                              f"{subjects[0].name!r} has {shape}; resample or crop them to one shape "
-                             f"(Preprocess(shape=...))")
+                             f"(preprocess: spacing and crop_shape, or shape)")
     images = np.stack([s.image.astype(np.float32, copy=False) for s in subjects])[:, None]
     labels = np.stack([s.label.astype(np.int64, copy=False) if s.labelled else np.zeros(shape, np.int64)
                        for s in subjects])[:, None]
