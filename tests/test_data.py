@@ -406,6 +406,24 @@ def test_crop_shape_then_divisible_by_keeps_world_coordinates():
             Preprocess(crop_shape=bad)
 
 
+def test_nan_background_becomes_the_smallest_value_with_a_warning(tmp_path, caplog):
+    """SPM writes NaN outside the brain: those voxels become background (the smallest finite value) with a
+    warning naming the file, instead of turning the whole normalised image into NaN."""
+    rng = np.random.default_rng(5)
+    image = rng.uniform(10, 20, (8, 8, 8)).astype(np.float32)
+    image[:2] = np.nan
+    image[7, 7, 7] = np.inf
+    save_nifti(tmp_path / "images" / "a.nii.gz", image, np.eye(4))
+    with caplog.at_level("WARNING", logger="deepatlas"):
+        (subject,) = load_folder(tmp_path, preprocess=Preprocess(orientation=None, divisible_by=None,
+                                                                 percentiles=None))
+    assert np.isfinite(subject.image).all() and (subject.image[:2] == 0).all() and subject.image[7, 7, 7] == 0
+    assert "a.nii.gz: 129 NaN / infinite voxel(s) set to the smallest finite value" in caplog.text
+    save_nifti(tmp_path / "images" / "a.nii.gz", np.full((4, 4, 4), np.nan, np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="a.nii.gz holds no finite value"):
+        load_folder(tmp_path)
+
+
 # ---------------------------------------------------------------- cache and saving
 
 def test_cache_hit_on_second_load(folder, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import temporary_file
 from .preprocess import Preprocess, normalise_intensity
 from .subject import SPLITS, Subject
+
+log = logging.getLogger("deepatlas")
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -97,6 +100,19 @@ def check_label_values(label: np.ndarray, path: Path) -> np.ndarray:
     return label
 
 
+def finite_image(image: np.ndarray, path: Path) -> np.ndarray:
+    """``image`` with NaN / infinite voxels (SPM writes NaN outside the brain) set to its smallest finite value, as
+    background, with a warning naming ``path``; an image with no finite value is an error."""
+    finite = np.isfinite(image)
+    if finite.all():
+        return image
+    if not finite.any():
+        raise ValueError(f"image file {path} holds no finite value (all NaN / infinite)")
+    log.warning("%s: %d NaN / infinite voxel(s) set to the smallest finite value (%g), as background", path,
+                int((~finite).sum()), float(image[finite].min()))
+    return np.where(finite, image, image[finite].min())
+
+
 @dataclass
 class Entry:
     """One subject to load: its files, split and name."""
@@ -120,7 +136,7 @@ def load_entry(entry: Entry, preprocess: Preprocess | None) -> Subject:
             raise ValueError(f"affine mismatch between image {entry.image} and label {entry.label}:\n{affine}\n"
                              f"vs\n{label_affine}")
         label = check_label_values(raw_label, entry.label)
-    image = image.astype(np.float32)
+    image = finite_image(image.astype(np.float32), entry.image)
     if preprocess is not None:
         image, label, affine = preprocess.apply(image, label, affine, source=str(entry.label or entry.image))
     else:  # the Subject contract still wants intensities in [0, 1]
