@@ -208,6 +208,21 @@ def test_resume_refuses_a_different_config(tmp_path):
     assert Trainer(harmless, volumes, config.num_classes, progress=False).resume()
 
 
+def test_a_checkpoint_from_before_a_new_config_field_resumes(tmp_path):
+    """A field added since the checkpoint was written counts as its default there: the run resumes, unless the
+    current config sets the new field to something else."""
+    config = tiny_config(tmp_path)
+    volumes = tiny_volumes(config)
+    Trainer(config, volumes, config.num_classes, progress=False).fit(stop_at=5)
+    state = load_checkpoint(tmp_path / LATEST)
+    del state["config"]["flip_label_pairs"]
+    save_checkpoint(tmp_path / LATEST, state)
+    assert Trainer(config, volumes, config.num_classes, progress=False).resume()
+    paired = Trainer(replace(config, flip_label_pairs=[[1, 2]]), volumes, config.num_classes, progress=False)
+    with pytest.raises(ValueError, match=r"flip_label_pairs: \[\] -> \[\[1, 2\]\]"):
+        paired.resume()
+
+
 def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
     """A real `deepatlas train` process killed with SIGKILL after a checkpoint, then run again: the final model
     equals the uninterrupted run's."""

@@ -106,9 +106,10 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "metrics": self.metrics}
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        saved = state["config"]
+        # A field newer than the checkpoint counts as its default there (runs from before it resume).
+        saved = {**TrainConfig().to_dict(), **state["config"]}
         current = self.config.to_dict()
-        changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
+        changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved[k] != current[k])
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ValueError(f"cannot resume from {source}: the config differs in {details}. Use the same config, "
