@@ -13,8 +13,8 @@ from .preprocess import Preprocess
 from .subject import Subject, lateralised_classes, left_right_axis, num_classes_of, stack_subjects
 from .synthetic import synthetic_subjects
 
-__all__ = ["Preprocess", "Subject", "lateralised_classes", "left_right_axis", "load_dataset", "load_folder", "load_manifest",
-           "num_classes_of", "save_nifti", "stack_subjects", "synthetic_subjects"]
+__all__ = ["Preprocess", "Subject", "lateralised_classes", "left_right_axis", "load_dataset", "load_folder",
+           "load_manifest", "num_classes_of", "save_nifti", "stack_subjects", "synthetic_subjects"]
 
 
 def load_dataset(source: str, **kwargs) -> list[Subject]:

@@ -90,6 +90,11 @@ def remap_labels(label: np.ndarray, table: dict[int, int], source: str = "label"
     return lookup[label]
 
 
+def _is_whole(value) -> bool:
+    """A whole number (64, 64.0, numpy ints), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+
+
 @dataclass
 class Preprocess(DictRecord):
     """Which preprocessing steps to apply to a loaded volume (each one optional; None switches it off).
@@ -130,8 +135,7 @@ class Preprocess(DictRecord):
             value = getattr(self, name)
             if value is not None:
                 value = tuple(value)
-                whole = (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer())
-                if len(value) != 3 or not all(whole(v) and v >= 1 for v in value):
+                if len(value) != 3 or not all(_is_whole(v) and v >= 1 for v in value):
                     raise ValueError(f"Preprocess.{name} must be three positive ints, got {value}")
                 setattr(self, name, tuple(int(v) for v in value))
         if self.percentiles is not None and not (len(self.percentiles) == 2

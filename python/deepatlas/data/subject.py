@@ -89,8 +89,8 @@ def lateralised_classes(subjects: Sequence[Subject], axis: int, share: float = 0
         foreground = counts[:, 1:].sum(1)
         if not foreground.any():
             continue
-        centre = (np.arange(len(slices)) * foreground).sum() / foreground.sum()
         index = np.arange(len(slices))
+        centre = (index * foreground).sum() / foreground.sum()
         for k in range(1, counts.shape[1]):
             below, above = counts[index < centre, k].sum(), counts[index > centre, k].sum()
             sides[k] = sides.get(k, np.zeros(2, np.int64)) + [below, above]
