@@ -200,7 +200,7 @@ def test_segment_native_resamples_a_coarser_model_grid(scene, monkeypatch):
     segmentation, written_affine = read(inference.segment_file(folder / "model.pt", folder / "image.nii.gz",
                                                                folder / "seg.nii.gz")["segmentation"])
     np.testing.assert_allclose(written_affine, affine)
-    assert segmentation.shape == SHAPE
+    assert segmentation.shape == SHAPE and halves.affine[0, 0] == pytest.approx(3.0, rel=0.1)  # a coarse model grid
     x = affine[0, 0] * np.arange(SHAPE[0]) + affine[0, 3]
     expected = np.where(x < boundary, 0, 1)
     far = np.abs(x - boundary) > 3.0
