@@ -249,9 +249,10 @@ def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
     assert not (tmp_path / "killed" / "model.pt").exists()
     step_at_kill = load_checkpoint(latest)["step"]
     assert 12 <= step_at_kill < 70
-    assert not list((tmp_path / "killed").glob(".*.tmp"))  # a kill mid-write leaves only a stray temp file
+    # A kill mid-write (the metrics follow each checkpoint) may leave a temporary file; the resumed run removes it.
     subprocess.run(command + common + ["--output", str(tmp_path / "killed")], check=True, env=env,
                    capture_output=True)
+    assert not list((tmp_path / "killed").glob(".*.tmp"))
     a = load_checkpoint(tmp_path / "full" / "model.pt")
     b = load_checkpoint(tmp_path / "killed" / "model.pt")
     for net in ("reg_net", "seg_net"):
@@ -260,6 +261,18 @@ def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def test_resume_removes_the_temporary_files_of_an_interrupted_write(tmp_path):
+    """What a writer killed mid-write leaves (.<name>.<random>.tmp next to a checkpoint, the metrics, the model) is
+    removed when the run starts again; other files in the folder are not touched."""
+    config = tiny_config(tmp_path)
+    stray = [tmp_path / f".{name}.k3x9a1.tmp" for name in (LATEST, "metrics.json", "model.pt")]
+    kept = [tmp_path / "notes.tmp", tmp_path / ".other.k3x9a1.tmp", tmp_path / "metrics.json.tmp"]
+    for path in stray + kept:
+        path.write_bytes(b"partial")
+    assert not Trainer(config, tiny_volumes(config), config.num_classes, progress=False).resume()
+    assert [p.exists() for p in stray] == [False] * 3 and all(p.exists() for p in kept)
 
 
 def test_checkpoint_round_trip_and_weights_only(tmp_path):

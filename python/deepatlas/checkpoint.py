@@ -4,8 +4,10 @@ old one, so a crash or a full disk mid-write never leaves a corrupt checkpoint; 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,17 @@ def temporary_file(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
         os.unlink(tmp)
         raise
     return fd, tmp
+
+
+def remove_stray_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files (:func:`temporary_file`) that a writer killed mid-write (kill -9, a power cut)
+    left next to ``names`` in ``folder``; returns the paths removed."""
+    removed = []
+    for name in names:
+        for path in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write(path: str | Path, write) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, remove_stray_temporaries, save_checkpoint
 from .config import TrainConfig
 from .divergence import DivergenceGuard
 from .memory import PeakMemory
@@ -30,6 +30,7 @@ log = logging.getLogger("deepatlas")
 LATEST = "checkpoint_latest.pt"
 MODEL = "model.pt"
 VALIDATION = "val"  # the metrics rows of the validation images' scores
+OUTPUT_FILES = (LATEST, MODEL, "metrics.json", "metrics.csv", "results.json")  # what a run writes atomically
 # Fields that may differ between a run and its resumption (they do not change what training computes; eval_pairs
 # only what is evaluated after it).
 _RESUMABLE_CHANGES = {"device", "output", "log_every", "checkpoint_every", "divergence_ratio", "num_workers",
@@ -132,7 +133,12 @@ class Trainer:
             self.write_metrics()
 
     def resume(self) -> bool:
-        """Continue from ``output/checkpoint_latest.pt`` if it exists; returns whether it did."""
+        """Continue from ``output/checkpoint_latest.pt`` if it exists; returns whether it did. First removes the
+        temporary files a killed run may have left mid-write (its checkpoint, metrics or model)."""
+        if self.is_main:
+            stray = remove_stray_temporaries(self.output, OUTPUT_FILES)
+            if stray:
+                log.info("removed %d temporary file(s) of an interrupted write in %s", len(stray), self.output)
         path = self.output / LATEST
         if not path.exists():
             return False
