@@ -126,8 +126,10 @@ class TrainConfig(DictRecord):
     @property
     def file_label_map(self) -> dict[int, int] | None:
         """The {original: class} table the label files are read through (None: none, or embedded data)."""
-        table = self.preprocess.get("label_map") if self.reads_files else None
-        return {int(k): int(v) for k, v in table.items()} if table else None
+        if not self.reads_files:
+            return None
+        from .data.preprocess import Preprocess
+        return Preprocess.from_dict(self.preprocess).label_map or None
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

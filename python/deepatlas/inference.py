@@ -138,11 +138,11 @@ def _labelled_files(source: str | Path, config: TrainConfig, num_classes: int) -
 def _read(path: Path, preprocess, label_path: Path | None = None) -> Volume:
     """One NIfTI file (and its label map), checked and preprocessed exactly as training data is
     (:func:`deepatlas.data.nifti.load_entry`), together with its arrays as stored."""
-    from .data.nifti import Entry, check_label_values, load_entry, read_volume
-    subject = load_entry(Entry(Path(path), None if label_path is None else Path(label_path), "test", Path(path).name),
-                         preprocess)
-    native_image, native_affine, _ = read_volume(Path(path))
-    native_label = None if label_path is None else check_label_values(read_volume(Path(label_path))[0], label_path)
+    from .data.nifti import Entry, load_entry, read_entry
+    entry = Entry(Path(path), None if label_path is None else Path(label_path), "test", Path(path).name)
+    stored = read_entry(entry)  # each file is read once
+    subject = load_entry(entry, preprocess, stored)
+    native_image, native_label, native_affine, _ = stored
     return Volume(subject.image, subject.label, subject.affine, native_image, native_label, native_affine)
 
 
@@ -234,8 +234,8 @@ def _register_native(ddf: Tensor, det: Tensor, moving: Volume, fixed: Volume, de
                                                                                       moving.affine))
     image = torch.from_numpy(np.asarray(moving.native_image, np.float32))[None].to(device)
     # Label values as float64 sample exactly (any int up to 2^53); nearest never mixes two of them.
-    label = None if moving.native_label is None else torch.from_numpy(moving.native_label.astype(np.float64))[None]
-    label = None if label is None else label.to(device)
+    label = (None if moving.native_label is None
+             else torch.from_numpy(moving.native_label.astype(np.float64))[None].to(device))
     warped = np.empty(shape, np.float32)
     labels = None if label is None else np.empty(shape, np.int64)
     world = np.empty((*shape, 3), np.float32)

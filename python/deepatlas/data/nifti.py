@@ -123,8 +123,9 @@ class Entry:
     name: str
 
 
-def load_entry(entry: Entry, preprocess: Preprocess | None) -> Subject:
-    """Read, check and preprocess one entry (no caching)."""
+def read_entry(entry: Entry) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, object]:
+    """(image as stored, label map as int64 or None, affine, header) of one entry, checked: shapes and affines
+    agree, label values are whole and >= 0."""
     image, affine, header = read_volume(entry.image)
     label = None
     if entry.label is not None:
@@ -136,6 +137,13 @@ def load_entry(entry: Entry, preprocess: Preprocess | None) -> Subject:
             raise ValueError(f"affine mismatch between image {entry.image} and label {entry.label}:\n{affine}\n"
                              f"vs\n{label_affine}")
         label = check_label_values(raw_label, entry.label)
+    return image, label, affine, header
+
+
+def load_entry(entry: Entry, preprocess: Preprocess | None,
+               stored: tuple[np.ndarray, np.ndarray | None, np.ndarray, object] | None = None) -> Subject:
+    """Read (or take ``stored``, what :func:`read_entry` returned), check and preprocess one entry (no caching)."""
+    image, label, affine, header = read_entry(entry) if stored is None else stored
     image = finite_image(image.astype(np.float32), entry.image)
     if preprocess is not None:
         image, label, affine = preprocess.apply(image, label, affine, source=str(entry.label or entry.image))
