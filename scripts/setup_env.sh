@@ -16,7 +16,7 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.14.1}" numpy ninja scipy nibabel tqdm matplotlib pyyaml nilearn \
-  pytest pytest-benchmark hypothesis build \
+  pytest pytest-benchmark hypothesis SimpleITK build \
   2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
 

@@ -99,6 +99,11 @@ def test_compare_preset_is_the_demos_settings_under_the_flags():
     assert config_from_args(args, PRESETS[args.preset]).lambda_a_reg == 0.1
 
 
+def test_cli_choices_equal_the_modules_that_define_them():
+    from deepatlas import cli, inference
+    assert cli.SPACES == inference.SPACES and cli.DDF_FORMATS == inference.DDF_FORMATS
+
+
 def test_every_preset_is_a_flag_and_gncc_is_the_default_with_the_papers_losses():
     from deepatlas.cli import PRESET_NAMES
     from deepatlas.demo import PRESETS, demo_config

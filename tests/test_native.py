@@ -23,11 +23,11 @@ SPACING = 1.5
 K = 4
 
 
-def stored(path, array, flip_first_axis=False):
-    """Save ``array`` (world content on a RAS grid of SPACING mm) as NIfTI, optionally stored with its first axis
-    reversed (LAS), which holds the same world content. Returns the affine written."""
+def stored(path, array, flip_first_axis=False, origin=(10.0, -20.0, 5.0)):
+    """Save ``array`` (world content on a RAS grid of SPACING mm from ``origin``) as NIfTI, optionally stored with
+    its first axis reversed (LAS), which holds the same world content. Returns the affine written."""
     affine = np.diag([SPACING, SPACING, SPACING, 1.0])
-    affine[:3, 3] = [10.0, -20.0, 5.0]
+    affine[:3, 3] = origin
     if flip_first_axis:
         flip = np.eye(4)
         flip[0, 0], flip[0, 3] = -1, array.shape[0] - 1
@@ -60,6 +60,19 @@ class ConstantField(nn.Module):
 
     def forward(self, moving, fixed):
         return self.shift.expand(moving.shape[0], 3, *moving.shape[2:]).clone()
+
+
+class SmoothField(nn.Module):
+    """A registration network whose displacement is a fixed smooth random field (up to ~3 model voxels)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        coarse = 1.5 * torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+        field = nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+        self.register_buffer("field", field)
+
+    def forward(self, moving, fixed):
+        return self.field.expand(moving.shape[0], -1, -1, -1, -1).clone()
 
 
 class FixedLogits(nn.Module):
@@ -133,6 +146,72 @@ def test_register_native_moves_the_moving_file_by_the_field_in_mm(scene, monkeyp
     assert ddf.shape == (*SHAPE, 3)
     np.testing.assert_allclose(ddf, np.broadcast_to([SPACING, 0, 0], ddf.shape), atol=1e-5)
     np.testing.assert_allclose(read(written["jacobian"])[0], 1, atol=1e-6)
+
+
+def test_itk_ddf_is_the_world_field_in_lps_as_a_vector_image(scene, monkeypatch):
+    folder, content, _ = scene
+    replace_networks(monkeypatch, reg_net=ConstantField([1.0, 0.0, -2.0]))
+    stored(folder / "moving.nii.gz", content, flip_first_axis=True)
+    affine = stored(folder / "fixed.nii.gz", content)
+    written = inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
+                                       folder / "out", ddf_format="itk")
+    image = nib.load(written["ddf"])
+    assert image.shape == (*SHAPE, 1, 3) and image.header.get_intent()[0] == "vector"
+    np.testing.assert_allclose(image.affine, affine)
+    ddf = np.asarray(image.dataobj)
+    np.testing.assert_allclose(ddf, np.broadcast_to([-SPACING, 0, -2 * SPACING], ddf.shape), atol=1e-5)  # RAS->LPS
+    with pytest.raises(ValueError, match="ddf_format 'itk' .* needs space 'native'"):
+        inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
+                                 folder / "out", ddf_format="itk", space="model")
+    with pytest.raises(ValueError, match=r"ddf_format must be one of \['ras', 'itk'\], got 'lps'"):
+        inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
+                                 folder / "out", ddf_format="lps")
+
+
+def test_simpleitk_resampling_with_the_itk_ddf_reproduces_the_warped_image(scene, monkeypatch):
+    """An independent check of the whole native path: SimpleITK (ITK's NIfTI reader, its
+    DisplacementFieldTransform and linear resampler) applies the written ITK DDF to the moving file as stored
+    (another orientation and origin than the fixed file) and gets our warped image, at every fixed voxel whose
+    moving point lies inside the moving image (ITK and zero padding differ in the last half voxel)."""
+    import SimpleITK as sitk
+    folder, content, _ = scene
+    replace_networks(monkeypatch, reg_net=SmoothField((16, 16, 16)))
+    moving_affine = stored(folder / "moving.nii.gz", content, flip_first_axis=True, origin=(13.0, -21.5, 7.0))
+    fixed_affine = stored(folder / "fixed.nii.gz", np.random.default_rng(4).uniform(0, 1, SHAPE))
+    written = inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
+                                       folder / "out", ddf_format="itk")
+    transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(written["ddf"]), sitk.sitkVectorFloat64))
+    resampled = sitk.Resample(sitk.ReadImage(str(folder / "moving.nii.gz"), sitk.sitkFloat64),
+                              sitk.ReadImage(str(folder / "fixed.nii.gz")), transform, sitk.sitkLinear, 0.0)
+    expected = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)  # SimpleITK arrays are [z, y, x]
+    ddf_ras = read(written["ddf"])[0][:, :, :, 0] * inference.RAS_TO_LPS
+    voxels = np.stack(np.meshgrid(*map(np.arange, SHAPE), indexing="ij"), -1).astype(np.float64)
+    moving_world = voxels @ fixed_affine[:3, :3].T + fixed_affine[:3, 3] + ddf_ras
+    moving_voxels = (moving_world - moving_affine[:3, 3]) @ np.linalg.inv(moving_affine[:3, :3]).T
+    inside = np.all((moving_voxels > 0.01) & (moving_voxels < np.array(SHAPE) - 1.01), axis=-1)
+    assert inside.mean() > 0.4 and np.abs(ddf_ras).max() > 2 * SPACING  # a real, non-trivial field
+    warped = read(written["warped"])[0]
+    np.testing.assert_allclose(warped[inside], expected[inside], rtol=1e-4, atol=1e-2)
+
+
+def test_nan_voxels_of_the_moving_file_are_background_in_the_native_warp(scene, monkeypatch, caplog):
+    """SPM writes NaN outside the brain: those voxels take the smallest finite value (one warning), so the warped
+    image is finite and its other voxels keep their interpolated values instead of turning NaN next to them."""
+    folder, content, _ = scene
+    replace_networks(monkeypatch, reg_net=ConstantField([0.5, 0.0, 0.0]))
+    with_nan = content.copy()
+    with_nan[:4] = np.nan
+    stored(folder / "moving.nii.gz", with_nan)
+    stored(folder / "fixed.nii.gz", content)
+    with caplog.at_level("WARNING", logger="deepatlas"):
+        written = inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
+                                           folder / "out")
+    assert sum("NaN / infinite voxel" in r.message for r in caplog.records) == 1
+    warped = read(written["warped"])[0]
+    background = content[4:].min()
+    np.testing.assert_allclose(warped[:3], background, rtol=1e-6)
+    np.testing.assert_allclose(warped[3], (background + content[4]) / 2, rtol=1e-5)  # half a voxel into the edge
+    np.testing.assert_allclose(warped[4:-1], (content[4:-1] + content[5:]) / 2, rtol=1e-5)
 
 
 def test_register_model_space_writes_the_network_grid(scene, monkeypatch):
@@ -221,7 +300,7 @@ def test_cli_writes_the_files_grid_unless_space_model(scene, capsys):
     affine = stored(folder / "image.nii.gz", content, flip_first_axis=True)
     stored(folder / "label.nii.gz", labels, flip_first_axis=True)
     for space, shape in (("native", SHAPE), ("model", (16, 16, 16))):
-        flags = [] if space == "native" else ["--space", "model"]
+        flags = ["--ddf-format", "itk"] if space == "native" else ["--space", "model"]
         assert main(["segment", str(folder / "image.nii.gz"), "--model", str(folder / "model.pt"), "--output",
                      str(folder / space / "seg.nii.gz"), *flags]) == 0
         assert main(["register", str(folder / "image.nii.gz"), str(folder / "image.nii.gz"), "--model",
@@ -231,6 +310,7 @@ def test_cli_writes_the_files_grid_unless_space_model(scene, capsys):
             image = nib.load(folder / space / f"{name}.nii.gz")
             assert image.shape[:3] == shape
             assert np.allclose(image.affine, affine) == (space == "native")
+        assert nib.load(folder / space / "ddf.nii.gz").ndim == (5 if space == "native" else 4)
     capsys.readouterr()
 
 

@@ -13,7 +13,11 @@ from typing import Any
 from .config import TrainConfig, read_mapping
 
 log = logging.getLogger("deepatlas")
-PRESET_NAMES = ("quick", "default", "gncc", "long")  # deepatlas.demo.PRESETS (not imported here: it loads torch)
+# Choices that live in modules which load torch (not imported here: `deepatlas --help` stays fast); a test keeps
+# them equal to deepatlas.demo.PRESETS, deepatlas.inference.SPACES and deepatlas.inference.DDF_FORMATS.
+PRESET_NAMES = ("quick", "default", "gncc", "long")
+SPACES = ("native", "model")
+DDF_FORMATS = ("ras", "itk")
 
 
 # ---- config flags ------------------------------------------------------------------------------------------------
@@ -109,7 +113,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from .inference import register_files
     written = register_files(args.model, args.moving, args.fixed, args.output, moving_label=args.moving_label,
-                             device=args.device, space=args.space, fixed_label=args.fixed_label)
+                             device=args.device, space=args.space, fixed_label=args.fixed_label,
+                             ddf_format=args.ddf_format)
     _print_written(written, args.json)
     if "metrics" in written and not args.json:
         scores = json.loads(written["metrics"].read_text())
@@ -206,7 +211,7 @@ class _distributed:
 
 
 def _space_flag(parser: argparse.ArgumentParser, native: str, model: str) -> None:
-    parser.add_argument("--space", choices=["native", "model"], default="native",
+    parser.add_argument("--space", choices=SPACES, default="native",
                         help=f"where outputs are written: native (default): {native}; model: {model}, where the "
                              f"network ran")
 
@@ -274,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--output", type=Path, default=Path("registered"), help="output folder")
     _space_flag(register, "FIXED's own grid and affine: the moving file's intensities and label values, the DDF in "
                           "mm (world RAS)", "the preprocessed FIXED grid, the DDF in its voxels")
+    register.add_argument("--ddf-format", choices=DDF_FORMATS, default="ras",
+                          help="ddf.nii.gz in native space: ras (default): [D, H, W, 3] world RAS mm; itk: ITK's "
+                               "displacement-field file ([D, H, W, 1, 3] world LPS mm, intent vector) for "
+                               "antsApplyTransforms, SimpleITK and 3D Slicer")
     _common(register, json_flag=True)
 
     segment = command("segment", cmd_segment, "segment IMAGE(s) with a trained model -> label map NIfTI(s)")

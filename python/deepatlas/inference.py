@@ -97,6 +97,10 @@ def evaluate_runs(run: str | Path, device: str = "cpu", data: str | Path | None 
 
 
 SPACES = ("native", "model")
+# Native-space DDF files: 'ras' [D, H, W, 3] in world RAS mm; 'itk' [D, H, W, 1, 3] in world LPS mm with the NIfTI
+# intent 'vector', the displacement-field layout ITK, SimpleITK, ANTs (antsApplyTransforms) and 3D Slicer read.
+DDF_FORMATS = ("ras", "itk")
+RAS_TO_LPS = np.array([-1.0, -1.0, 1.0], np.float32)
 
 
 @dataclass
@@ -106,7 +110,7 @@ class Volume:
     image: np.ndarray           # [D, H, W] float32 in [0, 1], model grid
     label: np.ndarray | None    # [D, H, W] int64 classes 0..K-1, model grid
     affine: np.ndarray          # model grid voxel -> world
-    native_image: np.ndarray    # [D', H', W'] the file's own array and intensities
+    native_image: np.ndarray    # [D', H', W'] float32: the file's own array and intensities (NaN -> background)
     native_label: np.ndarray | None  # [D', H', W'] int64 original label values
     native_affine: np.ndarray   # the file's voxel -> world
 
@@ -137,23 +141,29 @@ def _labelled_files(source: str | Path, config: TrainConfig, num_classes: int) -
 
 def _read(path: Path, preprocess, label_path: Path | None = None) -> Volume:
     """One NIfTI file (and its label map), checked and preprocessed exactly as training data is
-    (:func:`deepatlas.data.nifti.load_entry`), together with its arrays as stored."""
-    from .data.nifti import Entry, load_entry, read_entry
+    (:func:`deepatlas.data.nifti.load_entry`), together with its arrays as stored (NaN / infinite voxels set to
+    background in both, with one warning)."""
+    from .data.nifti import Entry, finite_image, load_entry, read_entry
     entry = Entry(Path(path), None if label_path is None else Path(label_path), "test", Path(path).name)
-    stored = read_entry(entry)  # each file is read once
-    subject = load_entry(entry, preprocess, stored)
-    native_image, native_label, native_affine, _ = stored
+    image, native_label, native_affine, header = read_entry(entry)  # each file is read once
+    native_image = finite_image(image.astype(np.float32), entry.image)
+    subject = load_entry(entry, preprocess, (native_image, native_label, native_affine, header))
     return Volume(subject.image, subject.label, subject.affine, native_image, native_label, native_affine)
 
 
-def _check_space(space: str) -> None:
+def _check_space(space: str, ddf_format: str = "ras") -> None:
     if space not in SPACES:
         raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
+    if ddf_format not in DDF_FORMATS:
+        raise ValueError(f"ddf_format must be one of {list(DDF_FORMATS)}, got {ddf_format!r}")
+    if ddf_format == "itk" and space != "native":
+        raise ValueError("ddf_format 'itk' writes a world-space transform of the input files; it needs space "
+                         "'native' (a model-space DDF is in model-grid voxels)")
 
 
 def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Path,
                    moving_label: Path | None = None, device: str = "cpu", space: str = "native",
-                   fixed_label: Path | None = None) -> dict[str, Path]:
+                   fixed_label: Path | None = None, ddf_format: str = "ras") -> dict[str, Path]:
     """Register ``moving`` to ``fixed`` with a trained F_R. Writes ``warped.nii.gz``, ``ddf.nii.gz``,
     ``jacobian_det.nii.gz`` and, with ``moving_label``, ``warped_label.nii.gz`` (nearest neighbour). With both
     ``moving_label`` and ``fixed_label``, ``metrics.json`` scores the registration as ``evaluate`` does, on the
@@ -163,10 +173,13 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
     from the moving file as stored (its intensities and original label values; zero outside it); the DDF is
     [D, H, W, 3] in mm in world (RAS) coordinates: fixed world point w corresponds to moving world point w + ddf;
     the Jacobian determinant is det(I + grad u) of the network's displacement, at each fixed voxel.
+    ``ddf_format='itk'`` (native space only) writes the same DDF as ITK's displacement-field file instead:
+    [D, H, W, 1, 3] in world LPS mm, NIfTI intent 'vector'; ``antsApplyTransforms -i MOVING -r FIXED -t ddf.nii.gz``
+    (or a SimpleITK DisplacementFieldTransform) then reproduces the warped image.
     ``space='model'``: on the preprocessed fixed grid the network ran on: the warped image is the preprocessed moving
     image, the DDF is in model-grid voxels (component i along array axis i)."""
     from .data import save_nifti
-    _check_space(space)
+    _check_space(space, ddf_format)
     model = load_model(model_path, device)
     preprocess = preprocess_of(model.config)
     if fixed_label is not None and moving_label is None:
@@ -200,7 +213,10 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
     written = {"warped": output / "warped.nii.gz", "ddf": output / "ddf.nii.gz",
                "jacobian": output / "jacobian_det.nii.gz"}
     save_nifti(written["warped"], warped, affine)
-    save_nifti(written["ddf"], ddf_out, affine)
+    if ddf_format == "itk":
+        save_nifti(written["ddf"], (ddf_out * RAS_TO_LPS)[:, :, :, None, :], affine, intent="vector")
+    else:
+        save_nifti(written["ddf"], ddf_out, affine)
     save_nifti(written["jacobian"], det_out, affine)
     if labels is not None:
         written["warped_label"] = output / "warped_label.nii.gz"
@@ -232,7 +248,7 @@ def _register_native(ddf: Tensor, det: Tensor, moving: Volume, fixed: Volume, de
     model_to_moving = voxel_map(moving.affine, moving.native_affine)
     fixed_world, moving_world = (torch.from_numpy(np.asarray(a, np.float64)) for a in (fixed.native_affine,
                                                                                       moving.affine))
-    image = torch.from_numpy(np.asarray(moving.native_image, np.float32))[None].to(device)
+    image = torch.from_numpy(moving.native_image)[None].to(device)
     # Label values as float64 sample exactly (any int up to 2^53); nearest never mixes two of them.
     label = (None if moving.native_label is None
              else torch.from_numpy(moving.native_label.astype(np.float64))[None].to(device))

@@ -36,10 +36,12 @@ def strip_nifti_suffix(name: str) -> str | None:
     return None
 
 
-def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, header: object | None = None) -> None:
-    """Write ``array`` [D, H, W] with ``affine`` as NIfTI-1 (.nii or .nii.gz, from the name), atomically: a temporary
-    file in the same folder, then os.replace. Floats are stored as float32, integers as int16 (int32 when the values
-    do not fit), booleans as uint8; the affine goes to both sform and qform (code 'scanner')."""
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, header: object | None = None,
+               intent: str | None = None) -> None:
+    """Write ``array`` [D, H, W, ...] with ``affine`` as NIfTI-1 (.nii or .nii.gz, from the name), atomically: a
+    temporary file in the same folder, then os.replace. Floats are stored as float32, integers as int16 (int32 when
+    the values do not fit), booleans as uint8; the affine goes to both sform and qform (code 'scanner'); ``intent``
+    names a NIfTI intent (e.g. 'vector')."""
     path = Path(path)
     if strip_nifti_suffix(path.name) is None:
         raise ValueError(f"save_nifti: path {path} must end in .nii or .nii.gz")
@@ -56,6 +58,8 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, h
     image.header.set_slope_inter(1.0, 0.0)
     image.set_sform(affine, code="scanner")
     image.set_qform(affine, code="scanner")
+    if intent is not None:
+        image.header.set_intent(intent)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     handle, temporary = temporary_file(path, suffix)
