@@ -300,12 +300,13 @@ def test_cli_writes_the_files_grid_unless_space_model(scene, capsys):
     affine = stored(folder / "image.nii.gz", content, flip_first_axis=True)
     stored(folder / "label.nii.gz", labels, flip_first_axis=True)
     for space, shape in (("native", SHAPE), ("model", (16, 16, 16))):
-        flags = ["--ddf-format", "itk"] if space == "native" else ["--space", "model"]
+        flags = [] if space == "native" else ["--space", "model"]
+        ddf_flags = ["--ddf-format", "itk"] if space == "native" else []
         assert main(["segment", str(folder / "image.nii.gz"), "--model", str(folder / "model.pt"), "--output",
                      str(folder / space / "seg.nii.gz"), *flags]) == 0
         assert main(["register", str(folder / "image.nii.gz"), str(folder / "image.nii.gz"), "--model",
                      str(folder / "model.pt"), "--moving-label", str(folder / "label.nii.gz"), "--output",
-                     str(folder / space), *flags]) == 0
+                     str(folder / space), *flags, *ddf_flags]) == 0
         for name in ("seg", "warped", "warped_label", "ddf", "jacobian_det"):
             image = nib.load(folder / space / f"{name}.nii.gz")
             assert image.shape[:3] == shape
