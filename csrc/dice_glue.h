@@ -2,6 +2,8 @@
 // `Runner::run_dice(args, device)` does the per-point work.
 #pragma once
 
+#include <limits>
+
 #include <ATen/ATen.h>
 
 #include "labels_glue.h"
@@ -35,6 +37,9 @@ inline DiceArgs make_dice_args(const at::Tensor& source, const at::Tensor& ddf, 
                                int64_t num_classes, bool check_ranges) {
   constexpr const char* op = "deepatlas.warped_dice";
   TORCH_CHECK(num_classes > 0, op, ": num_classes must be positive, got ", num_classes);
+  // The kernels index classes in the 32-bit index type when every tensor fits it.
+  TORCH_CHECK(num_classes <= std::numeric_limits<int32_t>::max(), op, ": num_classes must be below 2^31, got ",
+              num_classes);
   DiceArgs a;
   a.source_is_labels = is_label_dtype(source.scalar_type());
   if (a.source_is_labels) {

@@ -59,8 +59,8 @@ def warped_dice(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int | 
         if target_is_labels:
             raise ValueError(f"{_OP}: num_classes is required when the target is a label map")
         num_classes = target.shape[1]
-    if not _is_int(num_classes) or num_classes < 1:
-        raise ValueError(f"{_OP}: num_classes must be a positive int, got {num_classes!r}")
+    if not _is_int(num_classes) or not 1 <= num_classes < 2**31:
+        raise ValueError(f"{_OP}: num_classes must be a positive int below 2^31, got {num_classes!r}")
     num_classes = int(num_classes)
     if target_is_labels:
         if target.shape[1] != 1:

@@ -118,6 +118,8 @@ def test_bit_identical_across_thread_counts():
         ({"num_classes": None, "source": torch.rand(1, 3, 4, 4, 4), "target": torch.rand(1, 3, 4, 4)},
          ValueError, "warped_dice: target must be"),
         ({"eps": -1.0}, ValueError, "eps must be a number >= 0"),
+        ({"num_classes": 0}, ValueError, "num_classes must be a positive int below 2"),
+        ({"num_classes": 2**31}, ValueError, "num_classes must be a positive int below 2"),  # would wrap in 32 bits
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -358,6 +360,8 @@ def test_direct_op_calls_check_probability_sources():
     with pytest.raises(RuntimeError, match="source spatial shape"):
         sums(torch.rand(1, 3, 4, 4, 5), ddf, target, 3)
     labels_source = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"num_classes must be below 2\^31, got 2147483648"):
+        sums(labels_source, ddf, labels_source, 2**31)
     with pytest.raises(RuntimeError, match="integer label sources have no gradient"):
         torch.ops.deepatlas.warped_dice_sums_backward(torch.ones(1, 3, 3, dtype=torch.float64), labels_source, ddf,
                                                       target, 3, [False, False, True])

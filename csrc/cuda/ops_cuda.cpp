@@ -41,10 +41,13 @@ struct CudaRunner {
     launch_on_current_stream(launch_jacobian, a, device);
   }
   static void run_dice(const DiceArgs& a, c10::Device device) {
-    // The per-class sums (and a probability source's gradient) are accumulated with atomicAdd: an error under
-    // torch.use_deterministic_algorithms(True), a warning with warn_only=True, as torch does for its own ops.
-    // deepatlas_cuda.warped_dice does not call this op in that mode (it warps, then sums).
-    at::globalContext().alertNotDeterministic("deepatlas::warped_dice_sums (CUDA)");
+    // The forward's per-class sums and a probability source's gradient are accumulated with atomicAdd: an error
+    // under torch.use_deterministic_algorithms(True), a warning with warn_only=True, as torch does for its own ops.
+    // deepatlas_cuda.warped_dice does not call this op in that mode (it warps, then sums). The other gradients
+    // are gathers, deterministic.
+    if (a.sums != nullptr || a.grad_source.data != nullptr) {
+      at::globalContext().alertNotDeterministic("deepatlas::warped_dice_sums (CUDA)");
+    }
     launch_on_current_stream(launch_dice, a, device);
   }
 };
