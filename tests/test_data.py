@@ -406,6 +406,15 @@ def test_crop_shape_then_divisible_by_keeps_world_coordinates():
             Preprocess(crop_shape=bad)
 
 
+def test_label_map_must_cover_every_class():
+    """A class no file value maps to would never be trained and would be written back as background."""
+    assert Preprocess(label_map={"0": 0, "5": 1, "7": 1}).label_map == {0: 0, 5: 1, 7: 1}
+    with pytest.raises(ValueError, match=r"must map onto every class 0..2; no value maps to \[1\]"):
+        Preprocess(label_map={0: 0, 5: 2, 7: 2})
+    with pytest.raises(ValueError, match=r"labels >= 0"):
+        Preprocess(label_map={0: 0, 5: -1})
+
+
 def test_nan_background_becomes_the_smallest_value_with_a_warning(tmp_path, caplog):
     """SPM writes NaN outside the brain: those voxels become background (the smallest finite value) with a
     warning naming the file, instead of turning the whole normalised image into NaN."""
@@ -455,7 +464,7 @@ def test_save_nifti_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.affine, affine)
     np.testing.assert_array_equal(np.asanyarray(loaded.dataobj), image)
     label = rng.integers(0, 40, (5, 6, 7))
-    save_nifti(path, label, affine, header=loaded.header)  # overwrite, reusing a float header
+    save_nifti(path, label, affine, like=loaded.header)  # overwrite, a float file's geometry
     np.testing.assert_array_equal(np.asanyarray(nib.load(str(path)).dataobj), label)
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.nii.gz"]  # no temporary file left
     with pytest.raises(ValueError, match="nii"):

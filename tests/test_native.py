@@ -287,6 +287,76 @@ def test_segment_native_resamples_a_coarser_model_grid(scene, monkeypatch):
                                                                      (far.sum(), *SHAPE[1:])))
 
 
+def test_segment_native_leaves_voxels_cropped_away_from_the_model_grid_as_background(tmp_path, monkeypatch):
+    """crop_shape keeps the central 16^3 of a 40^3 file: a structure on the model grid's last row must not be
+    smeared over the 12 rows past it that the network never saw."""
+    config = tiny_config(tmp_path, preprocess={"crop_shape": [16, 16, 16]})
+    reg, seg = build_networks(config, K)
+    save_checkpoint(tmp_path / "model.pt", {"config": config.to_dict(), "num_classes": K,
+                                            "reg_net": reg.state_dict(), "seg_net": seg.state_dict()})
+
+    def last_row_is_class_1(image):
+        logits = torch.zeros(1, K, *image.shape[2:])
+        logits[:, 0], logits[:, 1, -1], logits[:, 0, -1] = 5, 5, 0
+        return logits
+    replace_networks(monkeypatch, seg_net=FixedLogits(last_row_is_class_1))
+    save_nifti(tmp_path / "image.nii.gz", np.random.default_rng(0).uniform(size=(40, 40, 40)), np.eye(4))
+    segmentation = read(inference.segment_file(tmp_path / "model.pt", tmp_path / "image.nii.gz",
+                                               tmp_path / "seg.nii.gz")["segmentation"])[0]
+    expected = np.zeros((40, 40, 40), np.int64)
+    expected[27, 12:28, 12:28] = 1  # the model grid is rows 12..27 of each axis
+    np.testing.assert_array_equal(segmentation, expected)
+
+
+@pytest.mark.parametrize("problem", ["qform_sform_disagree", "no_orientation"])
+def test_outputs_copy_the_input_geometry_and_itk_refuses_ambiguous_headers(scene, problem, caplog):
+    """Native outputs carry the input's own qform / sform (and codes), so ITK reads both alike; an ITK DDF is
+    refused for a file that ITK may place differently from nibabel."""
+    import SimpleITK as sitk
+    folder, content, labels = scene
+    affine = np.diag([SPACING, SPACING, SPACING, 1.0])
+    for name, array in (("odd", content), ("odd_label", labels.astype(np.int16))):
+        image = nib.Nifti1Image(array, affine)
+        if problem == "qform_sform_disagree":
+            shifted = affine.copy()
+            shifted[1, 3] += 4.0
+            image.set_qform(affine, code=1)
+            image.set_sform(shifted, code=2)
+        else:
+            image.set_qform(None, code=0)
+            image.set_sform(None, code=0)
+        nib.save(image, str(folder / f"{name}.nii.gz"))
+    with caplog.at_level("WARNING", logger="deepatlas"):
+        written = inference.register_files(folder / "model.pt", folder / "odd.nii.gz", folder / "odd.nii.gz",
+                                           folder / "out", moving_label=folder / "odd_label.nii.gz")
+    assert any("odd.nii.gz" in r.message and ("disagree" in r.message or "no qform" in r.message)
+               for r in caplog.records)
+    source = sitk.ReadImage(str(folder / "odd.nii.gz"))
+    for name in ("warped", "warped_label", "jacobian"):  # the 3-D outputs (ITK reads the RAS DDF as 4-D)
+        output = sitk.ReadImage(str(written[name]))
+        np.testing.assert_allclose(output.GetOrigin(), source.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(output.GetDirection(), source.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(output.GetSpacing(), source.GetSpacing(), atol=1e-6)
+    for path in written.values():
+        np.testing.assert_allclose(nib.load(path).affine, nib.load(folder / "odd.nii.gz").affine, atol=1e-4)
+    with pytest.raises(ValueError, match="--ddf-format itk: .*odd.nii.gz: (its qform and sform disagree|no qform)"):
+        inference.register_files(folder / "model.pt", folder / "odd.nii.gz", folder / "odd.nii.gz", folder / "out",
+                                 ddf_format="itk")
+
+
+def test_files_in_microns_are_read_in_mm(scene):
+    """The affine is in the file's spatial units: a file in microns (microscopy) is scaled to mm, as ITK does."""
+    from deepatlas.data.nifti import read_volume
+    folder, content, _ = scene
+    image = nib.Nifti1Image(content, np.diag([10.0, 10.0, 20.0, 1.0]))
+    image.header.set_xyzt_units("micron")
+    nib.save(image, str(folder / "slide.nii.gz"))
+    affine = read_volume(folder / "slide.nii.gz")[1]
+    np.testing.assert_allclose(np.diag(affine), [0.01, 0.01, 0.02, 1.0])
+    import SimpleITK as sitk
+    np.testing.assert_allclose(sitk.ReadImage(str(folder / "slide.nii.gz")).GetSpacing(), [0.01, 0.01, 0.02])
+
+
 def test_space_must_be_native_or_model(scene):
     folder, content, _ = scene
     stored(folder / "image.nii.gz", content)

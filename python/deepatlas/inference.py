@@ -112,7 +112,8 @@ class Volume:
     affine: np.ndarray          # model grid voxel -> world
     native_image: np.ndarray    # [D', H', W'] float32: the file's own array and intensities (NaN -> background)
     native_label: np.ndarray | None  # [D', H', W'] int64 original label values
-    native_affine: np.ndarray   # the file's voxel -> world
+    native_affine: np.ndarray   # the file's voxel -> world (mm)
+    native_header: Any          # the file's nibabel header: native outputs copy its qform / sform
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _read(path: Path, preprocess, label_path: Path | None = None) -> Volume:
     image, native_label, native_affine, header = read_entry(entry)  # each file is read once
     native_image = finite_image(image.astype(np.float32), entry.image)
     subject = load_entry(entry, preprocess, (native_image, native_label, native_affine, header))
-    return Volume(subject.image, subject.label, subject.affine, native_image, native_label, native_affine)
+    return Volume(subject.image, subject.label, subject.affine, native_image, native_label, native_affine, header)
 
 
 def _check_space(space: str, ddf_format: str = "ras") -> None:
@@ -169,10 +170,11 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
     ``moving_label`` and ``fixed_label``, ``metrics.json`` scores the registration as ``evaluate`` does, on the
     model grid: mean foreground Dice before and after, Dice per class after, % folding voxels, SD of log det.
 
-    ``space='native'`` (default): on the fixed file's own grid and affine. The warped image and labels are sampled
-    from the moving file as stored (its intensities and original label values; zero outside it); the DDF is
-    [D, H, W, 3] in mm in world (RAS) coordinates: fixed world point w corresponds to moving world point w + ddf;
-    the Jacobian determinant is det(I + grad u) of the network's displacement, at each fixed voxel.
+    ``space='native'`` (default): on the fixed file's own grid and affine (its qform and sform copied). The warped
+    image and labels are sampled from the moving file as stored (its intensities and original label values; zero
+    outside it); the DDF is [D, H, W, 3] in mm in world (RAS) coordinates: fixed world point w corresponds to moving
+    world point w + ddf; the Jacobian determinant is det(I + grad u) of the network's displacement, at each fixed
+    voxel. Outside the model grid (where preprocessing cropped) the displacement is extended from its border.
     ``ddf_format='itk'`` (native space only) writes the same DDF as ITK's displacement-field file instead:
     [D, H, W, 1, 3] in world LPS mm, NIfTI intent 'vector'; ``antsApplyTransforms -i MOVING -r FIXED -t ddf.nii.gz``
     (or a SimpleITK DisplacementFieldTransform) then reproduces the warped image.
@@ -187,6 +189,8 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
                          "--moving-label too")
     moving_volume = _read(moving, preprocess, moving_label)
     fixed_volume = _read(fixed, preprocess, fixed_label)
+    if ddf_format == "itk":
+        _check_itk_geometry({moving: moving_volume, fixed: fixed_volume})
     if moving_volume.image.shape != fixed_volume.image.shape:
         raise ValueError(f"moving {moving} {moving_volume.image.shape} and fixed {fixed} {fixed_volume.image.shape} "
                          f"differ in shape after preprocessing; resample both to one shape first")
@@ -203,28 +207,39 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
             if moving_volume.label is not None:
                 classes = da.warp_labels(to_tensor(moving_volume.label), ddf, mode="nearest")[0, 0].cpu().numpy()
                 labels = _original_labels(classes, preprocess)
-            affine = fixed_volume.affine
+            affine, like = fixed_volume.affine, None
         else:
             warped, labels, ddf_out, det_out = _register_native(ddf[0], det, moving_volume, fixed_volume,
                                                                 model.device)
-            affine = fixed_volume.native_affine
+            affine, like = fixed_volume.native_affine, fixed_volume.native_header
         scores = None if fixed_label is None else _registration_scores(moving_volume, fixed_volume, ddf,
                                                                        model.num_classes)
     written = {"warped": output / "warped.nii.gz", "ddf": output / "ddf.nii.gz",
                "jacobian": output / "jacobian_det.nii.gz"}
-    save_nifti(written["warped"], warped, affine)
+    save_nifti(written["warped"], warped, affine, like)
     if ddf_format == "itk":
-        save_nifti(written["ddf"], (ddf_out * RAS_TO_LPS)[:, :, :, None, :], affine, intent="vector")
+        save_nifti(written["ddf"], (ddf_out * RAS_TO_LPS)[:, :, :, None, :], affine, like, intent="vector")
     else:
-        save_nifti(written["ddf"], ddf_out, affine)
-    save_nifti(written["jacobian"], det_out, affine)
+        save_nifti(written["ddf"], ddf_out, affine, like)
+    save_nifti(written["jacobian"], det_out, affine, like)
     if labels is not None:
         written["warped_label"] = output / "warped_label.nii.gz"
-        save_nifti(written["warped_label"], labels, affine)
+        save_nifti(written["warped_label"], labels, affine, like)
     if scores is not None:
         written["metrics"] = output / "metrics.json"
         atomic_write(written["metrics"], lambda handle: handle.write(json.dumps(scores, indent=1).encode()))
     return written
+
+
+def _check_itk_geometry(volumes: dict[Path, Volume]) -> None:
+    """An ITK DDF is in the world that ITK reads from the files; refuse files whose geometry ITK may read
+    differently from nibabel (a world-space field would then be wrong there)."""
+    from .data.nifti import geometry_problem
+    for path, volume in volumes.items():
+        problem = geometry_problem(volume.native_header)
+        if problem is not None:
+            raise ValueError(f"register --ddf-format itk: {path}: {problem}, so an ITK displacement field computed "
+                             f"here would not match it in ITK; fix the file's header or use --ddf-format ras")
 
 
 def _registration_scores(moving: Volume, fixed: Volume, ddf: Tensor, num_classes: int) -> dict[str, Any]:
@@ -317,22 +332,26 @@ def _segment(model: LoadedModel, image: Path, output: Path, space: str) -> None:
     with torch.no_grad():
         logits = model.seg_net(torch.from_numpy(np.ascontiguousarray(volume.image))[None, None].to(model.device))
         if space == "model":
-            classes, affine = logits.argmax(1)[0].cpu().numpy(), volume.affine
+            classes, affine, like = logits.argmax(1)[0].cpu().numpy(), volume.affine, None
         else:
-            classes, affine = _segment_native(logits[0].float().softmax(0), volume), volume.native_affine
-    save_nifti(output, _original_labels(classes, preprocess), affine)
+            classes = _segment_native(logits[0].float().softmax(0), volume)
+            affine, like = volume.native_affine, volume.native_header
+    save_nifti(output, _original_labels(classes, preprocess), affine, like)
 
 
 def _segment_native(probabilities: Tensor, volume: Volume) -> np.ndarray:
     """The most probable class [D', H', W'] at each voxel of the file's grid, from model-grid ``probabilities``
     [K, D, H, W] sampled trilinearly (border: the file's outer voxel centres may lie up to half a model voxel
-    outside the model grid)."""
+    outside the model grid). Voxels further outside (preprocessing cropped them away) are class 0."""
     shape = volume.native_image.shape
     to_model = voxel_map(volume.native_affine, volume.affine)
+    extent = torch.tensor(probabilities.shape[1:], dtype=torch.float64, device=probabilities.device) - 0.5
     classes = np.empty(shape, np.int64)
     for rows in slabs(shape, channels=probabilities.shape[0]):
         points = apply_affine(to_model, slab_points(shape, rows, probabilities.device))
-        classes[rows] = sample(probabilities, points, "bilinear", "border").argmax(0).cpu().numpy()
+        covered = ((points >= -0.5 - 1e-6) & (points <= extent + 1e-6)).all(-1)
+        best = sample(probabilities, points, "bilinear", "border").argmax(0)
+        classes[rows] = torch.where(covered, best, 0).cpu().numpy()
     return classes
 
 

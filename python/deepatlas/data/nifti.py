@@ -36,12 +36,14 @@ def strip_nifti_suffix(name: str) -> str | None:
     return None
 
 
-def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, header: object | None = None,
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, like: object | None = None,
                intent: str | None = None) -> None:
-    """Write ``array`` [D, H, W, ...] with ``affine`` as NIfTI-1 (.nii or .nii.gz, from the name), atomically: a
-    temporary file in the same folder, then os.replace. Floats are stored as float32, integers as int16 (int32 when
-    the values do not fit), booleans as uint8; the affine goes to both sform and qform (code 'scanner'); ``intent``
-    names a NIfTI intent (e.g. 'vector')."""
+    """Write ``array`` [D, H, W, ...] with ``affine`` (mm) as NIfTI-1 (.nii or .nii.gz, from the name), atomically:
+    a temporary file in the same folder, then os.replace. Floats are stored as float32, integers as int16 (int32
+    when the values do not fit), booleans as uint8; the affine goes to both sform and qform (code 'scanner'), units
+    mm. ``like``: the header of an input file on the same grid, whose qform and sform (with their codes) and units
+    are written instead, so that every tool reads the output's geometry exactly as it reads that file's (``affine``
+    must then be :func:`world_affine` of it). ``intent`` names a NIfTI intent (e.g. 'vector')."""
     path = Path(path)
     if strip_nifti_suffix(path.name) is None:
         raise ValueError(f"save_nifti: path {path} must end in .nii or .nii.gz")
@@ -53,11 +55,18 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, h
         array = array.astype(np.int16 if fits else np.int32)
     else:
         array = array.astype(np.float32)
-    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64), header=header)
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     image.set_data_dtype(array.dtype)
     image.header.set_slope_inter(1.0, 0.0)
-    image.set_sform(affine, code="scanner")
-    image.set_qform(affine, code="scanner")
+    if like is None:
+        image.set_sform(affine, code="scanner")
+        image.set_qform(affine, code="scanner")
+        image.header.set_xyzt_units("mm")
+    else:
+        image.header.set_zooms(tuple(like.get_zooms()[:3]) + tuple(image.header.get_zooms()[3:]))
+        image.set_sform(*like.get_sform(coded=True))
+        image.set_qform(*like.get_qform(coded=True))
+        image.header.set_xyzt_units(like.get_xyzt_units()[0])
     if intent is not None:
         image.header.set_intent(intent)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +95,42 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, object]:
     if array.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D volume (or 4-D with a trailing dimension of 1), "
                          f"got shape {array.shape}")
-    return array, np.asarray(image.affine, dtype=np.float64), image.header
+    problem = geometry_problem(image.header)
+    if problem is not None and "sheared" not in problem:
+        log.warning("%s: %s", path, problem)
+    return array, world_affine(image.header), image.header
+
+
+MM_PER_UNIT = {"unknown": 1.0, "mm": 1.0, "meter": 1000.0, "micron": 0.001}
+
+
+def world_affine(header) -> np.ndarray:
+    """Voxel -> world (mm) of a NIfTI header: nibabel's choice (the sform when its code is set, else the qform, else
+    a guess from the voxel sizes), scaled from the file's spatial units (metres, microns) to mm."""
+    units = header.get_xyzt_units()[0]
+    affine = np.asarray(header.get_best_affine(), dtype=np.float64).copy()
+    affine[:3] *= MM_PER_UNIT.get(units, 1.0)
+    return affine
+
+
+def geometry_problem(header) -> str | None:
+    """Why tools may place this file's voxels differently from nibabel (and this package), or None. ITK (and with
+    it ANTs, SimpleITK, 3D Slicer) prefers the qform in some cases where nibabel takes the sform, and keeps only
+    a rotation and voxel sizes."""
+    qform, qform_code = header.get_qform(coded=True)
+    sform, sform_code = header.get_sform(coded=True)
+    if qform_code == 0 and sform_code == 0:
+        return ("no qform or sform is set (both codes 0): its orientation is a guess (nibabel's: x reversed, "
+                "centred), which other tools guess differently")
+    if qform_code > 0 and sform_code > 0 and not np.allclose(qform, sform, atol=1e-3):
+        gap = float(np.abs(np.asarray(qform) - np.asarray(sform)).max())
+        return (f"its qform and sform disagree (by up to {gap:.3g}); the sform is used, as nibabel does; other "
+                f"tools (ITK) may use the qform")
+    linear = np.asarray(header.get_best_affine())[:3, :3]
+    gram = linear.T @ linear
+    if not np.allclose(gram, np.diag(np.diag(gram)), atol=1e-6 * np.abs(gram).max()):
+        return "its affine is sheared, which ITK does not represent"
+    return None
 
 
 def check_label_values(label: np.ndarray, path: Path) -> np.ndarray:

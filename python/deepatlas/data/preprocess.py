@@ -148,6 +148,10 @@ class Preprocess(DictRecord):
             self.label_map = {int(k): int(v) for k, v in self.label_map.items()}
             if min(self.label_map.values(), default=0) < 0:
                 raise ValueError(f"Preprocess.label_map must map to labels >= 0, got {self.label_map}")
+            missing = sorted(set(range(max(self.label_map.values(), default=-1) + 1)) - set(self.label_map.values()))
+            if missing:  # a class no file value maps to: never trained, and written back as background
+                raise ValueError(f"Preprocess.label_map must map onto every class 0..{max(self.label_map.values())}; "
+                                 f"no value maps to {missing} (got {self.label_map})")
 
     def digest(self) -> str:
         """A short hash of the settings (part of the cache key)."""
