@@ -294,6 +294,17 @@ def test_label_map(folder):
     assert restored.label_map == table
 
 
+def test_label_map_without_zero_pads_with_class_0():
+    """Labels are mapped before padding: a file with no 0 (every voxel labelled 1 or 2, mapped to 0 / 1) pads with
+    class 0 instead of failing with "value 0 not in label_map"."""
+    label = np.random.default_rng(3).integers(1, 3, (5, 6, 7))
+    settings = Preprocess(orientation=None, percentiles=None, divisible_by=8, label_map={1: 0, 2: 1})
+    _, out_label, _ = settings.apply(np.random.default_rng(4).random(label.shape), label, np.eye(4))
+    assert out_label.shape == (8, 8, 8)
+    np.testing.assert_array_equal(out_label[1:6, 1:7, 0:7], label - 1)
+    assert out_label.sum() == (label - 1).sum()  # padding is class 0
+
+
 def test_empty_dataset(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(ValueError, match="empty dataset"):

@@ -344,6 +344,23 @@ def test_outputs_copy_the_input_geometry_and_itk_refuses_ambiguous_headers(scene
                                  ddf_format="itk")
 
 
+def test_register_warns_when_the_model_grids_differ_in_voxel_size(scene, caplog):
+    folder, content, _ = scene
+    stored(folder / "fixed.nii.gz", content)
+    coarse = nib.Nifti1Image(content, np.diag([2 * SPACING, SPACING, SPACING, 1.0]))
+    nib.save(coarse, str(folder / "moving.nii.gz"))
+    with caplog.at_level("WARNING", logger="deepatlas"):
+        inference.register_files(folder / "model.pt", folder / "moving.nii.gz", folder / "fixed.nii.gz",
+                                 folder / "out")
+    assert any("moving" in r.message and "voxels of [3.0, 1.5, 1.5] mm" in r.message and "fixed" in r.message
+               and "[1.5, 1.5, 1.5] mm" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deepatlas"):
+        inference.register_files(folder / "model.pt", folder / "fixed.nii.gz", folder / "fixed.nii.gz",
+                                 folder / "out")
+    assert not [r for r in caplog.records if "voxel to voxel" in r.message]
+
+
 def test_files_in_microns_are_read_in_mm(scene):
     """The affine is in the file's spatial units: a file in microns (microscopy) is scaled to mm, as ITK does."""
     from deepatlas.data.nifti import read_volume

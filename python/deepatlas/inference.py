@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from .config import EMBEDDED_DATA, TrainConfig
 from .native import apply_affine, sample, slab_points, slabs, voxel_map
 from .run import preprocess_of
 from .trainer import MODEL, build_networks
+
+log = logging.getLogger("deepatlas")
 
 
 @dataclass
@@ -194,6 +197,7 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
     if moving_volume.image.shape != fixed_volume.image.shape:
         raise ValueError(f"moving {moving} {moving_volume.image.shape} and fixed {fixed} {fixed_volume.image.shape} "
                          f"differ in shape after preprocessing; resample both to one shape first")
+    _warn_on_voxel_size_mismatch(moving, moving_volume, fixed, fixed_volume)
     to_tensor = (lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None].to(model.device))
     with torch.no_grad():
         m, f = to_tensor(moving_volume.image), to_tensor(fixed_volume.image)
@@ -229,6 +233,18 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
         written["metrics"] = output / "metrics.json"
         atomic_write(written["metrics"], lambda handle: handle.write(json.dumps(scores, indent=1).encode()))
     return written
+
+
+def _warn_on_voxel_size_mismatch(moving: Path, moving_volume: Volume, fixed: Path, fixed_volume: Volume) -> None:
+    """F_R matches voxels, not millimetres: two model grids of one shape but other voxel sizes (a model trained
+    without ``preprocess.spacing``) are registered as if their voxels were the same size."""
+    from .data.preprocess import voxel_spacing
+    sizes = voxel_spacing(moving_volume.affine), voxel_spacing(fixed_volume.affine)
+    if not np.allclose(*sizes, rtol=0.01):
+        log.warning("register: after preprocessing, moving %s has voxels of %s mm and fixed %s of %s mm; the "
+                    "network maps voxel to voxel, so the two are registered as if equal (train with "
+                    "preprocess.spacing set to resample every file to one voxel size)", moving,
+                    np.round(sizes[0], 3).tolist(), fixed, np.round(sizes[1], 3).tolist())
 
 
 def _check_itk_geometry(volumes: dict[Path, Volume]) -> None:

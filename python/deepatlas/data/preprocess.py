@@ -160,7 +160,12 @@ class Preprocess(DictRecord):
     def apply(self, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, source: str = "image"
               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Run the steps on ``image`` [D, H, W] (and ``label``, same grid); returns (image float32 in [0, 1],
-        label int64 or None, affine). ``source`` names the file in error messages."""
+        label int64 or None, affine). ``source`` names the file in error messages. Labels go through label_map
+        first, so voxels that padding adds are class 0 whether or not the map lists the value 0."""
+        if label is not None:
+            label = label.astype(np.int64)
+            if self.label_map is not None:
+                label = remap_labels(label, self.label_map, source)
         if self.orientation is not None:
             new_image, new_affine = reorient(image, affine, self.orientation)
             label = None if label is None else reorient(label, affine, self.orientation)[0]
@@ -183,8 +188,4 @@ class Preprocess(DictRecord):
                 new_image, new_affine = crop_or_pad(image, affine, size)
                 label = None if label is None else crop_or_pad(label, affine, size)[0]
                 image, affine = new_image, new_affine
-        if label is not None:
-            label = label.astype(np.int64)
-            if self.label_map is not None:
-                label = remap_labels(label, self.label_map, source)
         return image, label, affine
