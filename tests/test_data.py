@@ -294,6 +294,17 @@ def test_label_map(folder):
     assert restored.label_map == table
 
 
+def test_cache_key_changes_with_the_cache_format(tmp_path, monkeypatch):
+    """Old cache files are never read once reading or preprocessing changes (CACHE_FORMAT bumped)."""
+    image = tmp_path / "a.nii.gz"
+    save_nifti(image, np.ones((2, 2, 2), np.float32), np.eye(4))
+    entry = nifti_module.Entry(image, None, "train", "a")
+    before = nifti_module.cache_path(entry, Preprocess(), tmp_path)
+    assert nifti_module.cache_path(entry, Preprocess(), tmp_path) == before
+    monkeypatch.setattr(nifti_module, "CACHE_FORMAT", nifti_module.CACHE_FORMAT + 1)
+    assert nifti_module.cache_path(entry, Preprocess(), tmp_path) != before
+
+
 def test_label_map_without_zero_pads_with_class_0():
     """Labels are mapped before padding: a file with no 0 (every voxel labelled 1 or 2, mapped to 0 / 1) pads with
     class 0 instead of failing with "value 0 not in label_map"."""

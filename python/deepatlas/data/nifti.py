@@ -207,10 +207,17 @@ def file_stamp(path: Path | None) -> str:
     return f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
 
 
+# Part of every cache key: bump it when reading or preprocessing changes its result for some file and settings
+# (2: files in microns / metres scaled to mm; labels mapped through label_map before padding).
+CACHE_FORMAT = 2
+
+
 def cache_path(entry: Entry, preprocess: Preprocess | None, cache_dir: Path) -> Path:
-    """The .npz holding this entry's preprocessed arrays (the key changes when a file or the settings change)."""
+    """The .npz holding this entry's preprocessed arrays (the key changes when a file, the settings or
+    CACHE_FORMAT change)."""
     settings = "raw" if preprocess is None else preprocess.digest()
-    key = hashlib.sha1("|".join([file_stamp(entry.image), file_stamp(entry.label), settings]).encode())
+    parts = [f"format {CACHE_FORMAT}", file_stamp(entry.image), file_stamp(entry.label), settings]
+    key = hashlib.sha1("|".join(parts).encode())
     return cache_dir / f"{entry.name}-{key.hexdigest()[:20]}.npz"
 
 
