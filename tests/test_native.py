@@ -344,6 +344,17 @@ def test_outputs_copy_the_input_geometry_and_itk_refuses_ambiguous_headers(scene
                                  ddf_format="itk")
 
 
+def test_itk_ddf_is_refused_for_a_sheared_file(scene):
+    folder, content, _ = scene
+    sheared = np.diag([SPACING, SPACING, SPACING, 1.0])
+    sheared[0, 1] = 0.3
+    nib.save(nib.Nifti1Image(content, sheared), str(folder / "sheared.nii.gz"))
+    stored(folder / "fixed.nii.gz", content)
+    with pytest.raises(ValueError, match="sheared.nii.gz: its affine is sheared"):
+        inference.register_files(folder / "model.pt", folder / "sheared.nii.gz", folder / "fixed.nii.gz",
+                                 folder / "out", ddf_format="itk")
+
+
 def test_register_warns_when_the_model_grids_differ_in_voxel_size(scene, caplog):
     folder, content, _ = scene
     stored(folder / "fixed.nii.gz", content)

@@ -250,9 +250,9 @@ def _warn_on_voxel_size_mismatch(moving: Path, moving_volume: Volume, fixed: Pat
 def _check_itk_geometry(volumes: dict[Path, Volume]) -> None:
     """An ITK DDF is in the world that ITK reads from the files; refuse files whose geometry ITK may read
     differently from nibabel (a world-space field would then be wrong there)."""
-    from .data.nifti import geometry_problem
+    from .data.nifti import itk_geometry_problem
     for path, volume in volumes.items():
-        problem = geometry_problem(volume.native_header)
+        problem = itk_geometry_problem(volume.native_header)
         if problem is not None:
             raise ValueError(f"register --ddf-format itk: {path}: {problem}, so an ITK displacement field computed "
                              f"here would not match it in ITK; fix the file's header or use --ddf-format ras")

@@ -95,8 +95,8 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, object]:
     if array.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D volume (or 4-D with a trailing dimension of 1), "
                          f"got shape {array.shape}")
-    problem = geometry_problem(image.header)
-    if problem is not None and "sheared" not in problem:
+    problem = orientation_problem(image.header)
+    if problem is not None:
         log.warning("%s: %s", path, problem)
     return array, world_affine(image.header), image.header
 
@@ -113,10 +113,10 @@ def world_affine(header) -> np.ndarray:
     return affine
 
 
-def geometry_problem(header) -> str | None:
-    """Why tools may place this file's voxels differently from nibabel (and this package), or None. ITK (and with
-    it ANTs, SimpleITK, 3D Slicer) prefers the qform in some cases where nibabel takes the sform, and keeps only
-    a rotation and voxel sizes."""
+def orientation_problem(header) -> str | None:
+    """Why tools may place this file's voxels differently from nibabel (and this package), or None: ITK (and with
+    it ANTs, SimpleITK, 3D Slicer) prefers the qform in some cases where nibabel takes the sform, and guesses a
+    missing orientation differently."""
     qform, qform_code = header.get_qform(coded=True)
     sform, sform_code = header.get_sform(coded=True)
     if qform_code == 0 and sform_code == 0:
@@ -126,6 +126,15 @@ def geometry_problem(header) -> str | None:
         gap = float(np.abs(np.asarray(qform) - np.asarray(sform)).max())
         return (f"its qform and sform disagree (by up to {gap:.3g}); the sform is used, as nibabel does; other "
                 f"tools (ITK) may use the qform")
+    return None
+
+
+def itk_geometry_problem(header) -> str | None:
+    """Why ITK may place this file's voxels differently from nibabel, or None: :func:`orientation_problem`, or a
+    sheared affine (ITK keeps only a rotation and voxel sizes)."""
+    problem = orientation_problem(header)
+    if problem is not None:
+        return problem
     linear = np.asarray(header.get_best_affine())[:3, :3]
     gram = linear.T @ linear
     if not np.allclose(gram, np.diag(np.diag(gram)), atol=1e-6 * np.abs(gram).max()):
