@@ -259,6 +259,47 @@ def test_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
     assert f"{tmp_path}/model.pt does not exist" in capsys.readouterr().err
 
 
+def test_models_whose_method_left_the_network_untrained_are_refused(compared, tmp_path, capsys):
+    """reg_only never trains F_S (segment would write one class everywhere), seg_only never trains F_R (register
+    would write the identity)."""
+    output, _ = compared
+    _write_subject(tmp_path, "image", 14, label=False)
+    image = str(tmp_path / "image.nii.gz")
+    assert main(["segment", image, "--model", str(output / "reg_only"), "--output", str(tmp_path / "s.nii.gz")]) == 2
+    assert "method 'reg_only', which leaves its segmentation network untrained; use a model trained with one " \
+           "of ['joint', 'seg_only']" in capsys.readouterr().err
+    assert main(["register", image, image, "--model", str(output / "seg_only"), "--output", str(tmp_path / "r")]) == 2
+    assert "leaves its registration network untrained" in capsys.readouterr().err
+    assert not (tmp_path / "s.nii.gz").exists() and not (tmp_path / "r").exists()
+    assert main(["segment", image, "--model", str(output), "--output", str(tmp_path / "s.nii.gz")]) == 2
+    assert "holds no model.pt but the runs" in capsys.readouterr().err  # a compare folder: names its runs
+
+
+def test_output_paths_are_checked_before_any_work(compared, tmp_path, capsys):
+    output, _ = compared
+    _write_subject(tmp_path, "image", 15, label=False)
+    image, model = str(tmp_path / "image.nii.gz"), str(output / "joint")
+    assert main(["register", image, image, "--model", model, "--output", str(tmp_path / "out.nii.gz")]) == 2
+    assert "is a folder that receives several files" in capsys.readouterr().err
+    (tmp_path / "notes").write_text("a file")
+    assert main(["register", image, image, "--model", model, "--output", str(tmp_path / "notes")]) == 2
+    assert "notes exists and is not a folder" in capsys.readouterr().err
+    assert main(["segment", image, "--model", model, "--output", f"{image}/seg.nii.gz"]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert main(["segment", image, image.replace("image", "other"), "--model", model, "--output", image]) == 2
+    assert "is a file name; with 2 images give a folder" in capsys.readouterr().err
+
+
+def test_mistyped_flags_are_errors_in_the_commands_own_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--reg-pretrain-step", "5"])  # not an abbreviation of --reg-pretrain-steps
+    error = capsys.readouterr().err
+    assert "usage: deepatlas train" in error and "unrecognized arguments: --reg-pretrain-step 5" in error
+    with pytest.raises(SystemExit):
+        main(["register", "a", "b", "--model", "m", "--moving-labels", "x"])
+    assert "usage: deepatlas register" in capsys.readouterr().err
+
+
 def test_info_and_bench_json(capsys):
     info = run_json(capsys, ["info", "--json"])
     assert info["cpu_kernels"] is True and "devices" in info

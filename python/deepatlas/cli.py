@@ -218,13 +218,14 @@ def _space_flag(parser: argparse.ArgumentParser, native: str, model: str) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepatlas", description="DeepAtlas joint registration + segmentation "
-                                     "(Xu & Niethammer, MICCAI 2019) on the deepatlas_cuda ops.")
+                                     "(Xu & Niethammer, MICCAI 2019) on the deepatlas_cuda ops.", allow_abbrev=False)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
+        # No abbreviations: a mistyped flag (--reg-pretrain-step) must be an error, not another flag's prefix.
+        sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        sub.set_defaults(handler=handler, parser=sub)
         return sub
 
     demo = command("demo", cmd_demo, "train the independent baselines and DeepAtlas (one-shot) on embedded data, "
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ddf.nii.gz in native space: ras (default): [D, H, W, 3] world RAS mm; itk: ITK's "
                                "displacement-field file ([D, H, W, 1, 3] world LPS mm, intent vector) for "
                                "antsApplyTransforms, SimpleITK and 3D Slicer")
-    _common(register, json_flag=True)
+    _common(register, json_flag="{output name: file written}")
 
     segment = command("segment", cmd_segment, "segment IMAGE(s) with a trained model -> label map NIfTI(s)")
     segment.add_argument("image", type=Path, nargs="+")
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "<image name>_seg.nii.gz per image (default with several images: segmentations)")
     _space_flag(segment, "IMAGE's own grid and affine (class probabilities resampled, then the most probable class)",
                 "the preprocessed grid")
-    _common(segment, json_flag=True, progress=True)
+    _common(segment, json_flag="{image: label map written} ({'segmentation': file} for one image and a file "
+                               "--output)", progress=True)
 
     bench = command("bench", cmd_bench, "time the ops against the plain-PyTorch way (markdown table of ratios)")
     bench.add_argument("--size", type=int, default=96, help="cube edge of the benchmark volume")
@@ -305,20 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common(parser: argparse.ArgumentParser, seed: bool = False, json_flag: bool = False, progress: bool = False,
-            device: bool = True) -> None:
+def _common(parser: argparse.ArgumentParser, seed: bool = False, json_flag: bool | str = False,
+            progress: bool = False, device: bool = True) -> None:
+    """Flags shared by commands; ``json_flag`` True or a description of the JSON object printed."""
     if device:
         parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     if seed:
         parser.add_argument("--seed", type=int, default=0)
     if json_flag:
-        parser.add_argument("--json", action="store_true", help="print one JSON object with a 'results' list")
+        shape = json_flag if isinstance(json_flag, str) else "with a 'results' list"
+        parser.add_argument("--json", action="store_true", help=f"print one JSON object {shape}")
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported with the command's own usage, not the top-level one
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.handler(args)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import deepatlas_cuda as da
 
 from .checkpoint import atomic_write, load_checkpoint
-from .config import EMBEDDED_DATA, TrainConfig
+from .config import EMBEDDED_DATA, METHODS, TrainConfig
 from .native import apply_affine, sample, slab_points, slabs, voxel_map
 from .run import preprocess_of
 from .trainer import MODEL, build_networks
@@ -36,6 +36,10 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     """The networks of a ``model.pt`` (or a run folder holding one), in eval mode on ``device``."""
     path = Path(path)
     if path.is_dir():
+        runs = sorted(str(run.parent) for run in path.glob(f"*/{MODEL}"))
+        if not (path / MODEL).is_file() and runs:
+            raise FileNotFoundError(f"{path} holds no {MODEL} but the runs {runs} (a compare / demo folder); pass "
+                                    f"one of them")
         path = path / MODEL
     state = load_checkpoint(path, map_location=device)
     # Inference runs the networks in float32: a model trained under fp16 autocast on a GPU loads on the CPU too.
@@ -45,6 +49,30 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     seg.load_state_dict(state["seg_net"])
     target = torch.device(device)
     return LoadedModel(config, state["num_classes"], reg.to(target).eval(), seg.to(target).eval(), target)
+
+
+# The network each method leaves untrained (deepatlas.config.METHODS).
+UNTRAINED = {"seg_only": "registration", "reg_only": "segmentation", "reg_anatomy": "segmentation"}
+
+
+def _require_trained(model: LoadedModel, network: str, model_path: str | Path) -> None:
+    """Refuse to use a network that the model's training method never trained (its output is meaningless)."""
+    method = model.config.method
+    if UNTRAINED.get(method) == network:
+        usable = [m for m in METHODS if UNTRAINED.get(m) != network]
+        raise ValueError(f"model {model_path} was trained with method {method!r}, which leaves its {network} "
+                         f"network untrained; use a model trained with one of {usable}")
+
+
+def _check_output(output: Path, command: str, folder: bool) -> None:
+    """Before any work: ``output`` must be (or become) a folder (``folder``), or a file in one."""
+    from .data.nifti import strip_nifti_suffix
+    if folder and strip_nifti_suffix(output.name) is not None:
+        raise ValueError(f"{command}: --output {output} is a folder that receives several files; give a folder "
+                         f"name, not a .nii / .nii.gz one")
+    for parent in (output, *output.parents) if folder else output.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{command}: --output {output}: {parent} exists and is not a folder")
 
 
 def find_models(run: str | Path) -> list[Path]:
@@ -185,7 +213,10 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
     image, the DDF is in model-grid voxels (component i along array axis i)."""
     from .data import save_nifti
     _check_space(space, ddf_format)
+    output = Path(output)
+    _check_output(output, "register", folder=True)
     model = load_model(model_path, device)
+    _require_trained(model, "registration", model_path)
     preprocess = preprocess_of(model.config)
     if fixed_label is not None and moving_label is None:
         raise ValueError("register: a fixed label map scores the registration against the warped moving one; give "
@@ -196,7 +227,8 @@ def register_files(model_path: str | Path, moving: Path, fixed: Path, output: Pa
         _check_itk_geometry({moving: moving_volume, fixed: fixed_volume})
     if moving_volume.image.shape != fixed_volume.image.shape:
         raise ValueError(f"moving {moving} {moving_volume.image.shape} and fixed {fixed} {fixed_volume.image.shape} "
-                         f"differ in shape after preprocessing; resample both to one shape first")
+                         f"differ in shape after preprocessing; F_R needs one grid for both: resample them to one "
+                         f"shape first, or train with preprocess shape (or spacing and crop_shape) set")
     _warn_on_voxel_size_mismatch(moving, moving_volume, fixed, fixed_volume)
     to_tensor = (lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None].to(model.device))
     with torch.no_grad():
@@ -308,7 +340,9 @@ def segment_file(model_path: str | Path, image: Path, output: Path, device: str 
     affine, the class probabilities resampled trilinearly to each voxel, then the most probable class;
     ``space='model'``: on the preprocessed grid the network ran on."""
     _check_space(space)
+    _check_output(Path(output), "segment", folder=False)
     model = load_model(model_path, device)
+    _require_trained(model, "segmentation", model_path)
     _segment(model, Path(image), Path(output), space)
     return {"segmentation": Path(output)}
 
@@ -327,6 +361,7 @@ def segment_files(model_path: str | Path, images: list[Path], output: Path, devi
         if len(images) > 1:
             raise ValueError(f"segment: --output {output} is a file name; with {len(images)} images give a folder")
         return segment_file(model_path, images[0], output, device, space)
+    _check_output(output, "segment", folder=True)
     targets: dict[Path, Path] = {}
     for image in images:
         target = output / f"{strip_nifti_suffix(image.name) or image.stem}_seg.nii.gz"
@@ -335,6 +370,7 @@ def segment_files(model_path: str | Path, images: list[Path], output: Path, devi
             raise ValueError(f"segment: {clash} and {image} would both be written to {target}; rename one")
         targets[image] = target
     model = load_model(model_path, device)
+    _require_trained(model, "segmentation", model_path)
     from tqdm import tqdm
     for image, target in tqdm(targets.items(), desc="segment", unit="image", disable=not progress):
         _segment(model, image, target, space)
