@@ -110,6 +110,7 @@ def evaluate_runs(run: str | Path, device: str = "cpu", data: str | Path | None 
         if images.shape[0] < needed:
             raise ValueError(f"{path}: its data has {images.shape[0]} labelled test image(s); evaluating "
                              f"{cfg.method} needs {needed}")
+        log.info("evaluate: %s (%s) on %d labelled image(s)", path, cfg.method, images.shape[0])
         result: dict[str, Any] = {"method": cfg.method, "reg_dice": None, "seg_dice": None, "folding_pct": None,
                                   "std_log_det": None, "seconds": None, "peak_mem_mb": None}
         if cfg.method in TRAINS_REGISTRATION and images.shape[0] >= 2:
