@@ -44,7 +44,8 @@ def test_global_ncc_hand_values():
 
 
 def naive_local_ncc(a, b, window, eps, squared):
-    """1 - mean local NCC by explicit loops over voxels and their (clipped) windows."""
+    """1 - mean local NCC by explicit loops over voxels and their (clipped) windows, in VoxelMorph's form: eps
+    added to the product of the window sums of squared deviations."""
     radius = window // 2
     values = []
     for n, c in itertools.product(range(a.shape[0]), range(a.shape[1])):
@@ -53,9 +54,9 @@ def naive_local_ncc(a, b, window, eps, squared):
             box = (slice(max(z - radius, 0), z + radius + 1), slice(max(y - radius, 0), y + radius + 1),
                    slice(max(x - radius, 0), x + radius + 1))
             pa, pb = a[n, c][box].flatten(), b[n, c][box].flatten()
-            cov = ((pa - pa.mean()) * (pb - pb.mean())).mean()
-            var = ((pa - pa.mean()) ** 2).mean() * ((pb - pb.mean()) ** 2).mean()
-            values.append(cov**2 / (var + eps) if squared else cov / (var + eps).sqrt())
+            cross = ((pa - pa.mean()) * (pb - pb.mean())).sum()
+            var = ((pa - pa.mean()) ** 2).sum() * ((pb - pb.mean()) ** 2).sum()
+            values.append(cross**2 / (var + eps) if squared else cross / (var + eps).sqrt())
     return 1 - torch.stack(values).mean()
 
 
@@ -64,8 +65,21 @@ def naive_local_ncc(a, b, window, eps, squared):
 def test_local_ncc_matches_naive_loops(window, squared):
     a, b = rand(2, 1, 4, 5, 6), rand(2, 1, 4, 5, 6)
     b = 0.5 * a + b  # partly correlated
-    loss = LocalNCCLoss(window, eps=1e-5, squared=squared)(a, b)
-    torch.testing.assert_close(loss, naive_local_ncc(a, b, window, 1e-5, squared), rtol=1e-10, atol=1e-10)
+    loss = LocalNCCLoss(window, eps=1e-2, squared=squared)(a, b)  # an eps large enough to change the result
+    torch.testing.assert_close(loss, naive_local_ncc(a, b, window, 1e-2, squared), rtol=1e-10, atol=1e-10)
+
+
+def test_default_local_ncc_is_zero_for_aligned_images_of_any_contrast():
+    """On a smooth image in [0, 1] (local variances ~1e-3), the default eps must not bias the loss: an image
+    against itself scores ~0 and a contrast change does not matter (it once scored 0.42, and 0.30 vs 0.53)."""
+    noise = torch.randn(1, 1, 8, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    image = torch.nn.functional.interpolate(noise, size=(24, 24, 24), mode="trilinear", align_corners=True)
+    image = (image - image.min()) / (image.max() - image.min())
+    loss = LocalNCCLoss(9)
+    assert loss(image, image).item() < 1e-4
+    assert loss(2 * image, image).item() == pytest.approx(loss(0.5 * image, image).item(), abs=1e-4)
+    shifted = torch.roll(image, 2, dims=2)
+    assert loss(shifted, image).item() > 0.05  # misaligned images still score worse
 
 
 def test_local_ncc_properties_and_gradient():

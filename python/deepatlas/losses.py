@@ -66,8 +66,12 @@ class LocalNCCLoss(nn.Module):
     ``window`` (odd) centred on x; windows are clipped at the volume edges (the local moments use only the voxels
     inside, never zero padding). With ``mean_W`` the average over ``W(x)``:
     ``cov = mean_W(a b) - mean_W(a) mean_W(b)``, ``var_a = mean_W(a^2) - mean_W(a)^2`` (same for b), and
-    ``cc = cov^2 / (var_a var_b + eps)`` (``squared=True``, VoxelMorph's choice, in [0, 1)) or
-    ``cc = cov / sqrt(var_a var_b + eps)`` (``squared=False``, in (-1, 1)). Flat windows give cc = 0.
+    ``cc = cov^2 / (var_a var_b + eps / |W|^2)`` (``squared=True``, VoxelMorph's choice, in [0, 1)) or
+    ``cc = cov / sqrt(var_a var_b + eps / |W|^2)`` (``squared=False``, in (-1, 1)). Flat windows give cc = 0.
+    ``eps`` is VoxelMorph's, which it adds to the product of the window *sums*' variances (|W|^2 times the means'):
+    on the means it is ``eps / |W|^2`` (about 2e-11 for a 9^3 window), far below the product of local variances of
+    images in [0, 1]. (Until 2026-12-07 ``eps`` was added to the means' product itself, where it outweighed that
+    product in low-contrast windows and rewarded warps that raise the warped image's local contrast.)
     """
 
     def __init__(self, window: int = 9, eps: float = 1e-5, squared: bool = True):
@@ -99,10 +103,11 @@ class LocalNCCLoss(nn.Module):
         mean_a, mean_b, mean_aa, mean_bb, mean_ab = (sums / count).chunk(5)
         covariance = mean_ab - mean_a * mean_b
         variance = (mean_aa - mean_a.square()).clamp_min(0) * (mean_bb - mean_b.square()).clamp_min(0)
+        denominator = variance + self.eps / count.square()
         if self.squared:
-            cc = covariance.square() / (variance + self.eps)
+            cc = covariance.square() / denominator
         else:
-            cc = covariance / (variance + self.eps).sqrt()
+            cc = covariance / denominator.sqrt()
         return 1 - cc.mean()
 
 
