@@ -36,6 +36,15 @@ def stored(path, array, flip_first_axis=False, origin=(10.0, -20.0, 5.0)):
     return affine
 
 
+def save_tiny_model(folder, preprocess):
+    """``folder``/model.pt with tiny untrained networks (K classes) and the given preprocessing."""
+    config = tiny_config(folder, preprocess=preprocess)
+    torch.manual_seed(0)
+    reg, seg = build_networks(config, K)
+    save_checkpoint(folder / "model.pt", {"config": config.to_dict(), "num_classes": K,
+                                          "reg_net": reg.state_dict(), "seg_net": seg.state_dict()})
+
+
 @pytest.fixture
 def scene(tmp_path):
     """Random world content (image and labels) and a model.pt with tiny untrained networks."""
@@ -43,11 +52,7 @@ def scene(tmp_path):
     content = generator.uniform(100, 900, SHAPE).astype(np.float32)   # scanner units, not [0, 1]
     labels = generator.integers(0, K, SHAPE)
     labels[labels == 3] = 17                                           # an original value above K
-    config = tiny_config(tmp_path, preprocess={"label_map": {0: 0, 1: 1, 2: 2, 17: 3}})
-    torch.manual_seed(0)
-    reg, seg = build_networks(config, K)
-    save_checkpoint(tmp_path / "model.pt", {"config": config.to_dict(), "num_classes": K,
-                                            "reg_net": reg.state_dict(), "seg_net": seg.state_dict()})
+    save_tiny_model(tmp_path, {"label_map": {0: 0, 1: 1, 2: 2, 17: 3}})
     return tmp_path, content, labels
 
 
@@ -290,10 +295,7 @@ def test_segment_native_resamples_a_coarser_model_grid(scene, monkeypatch):
 def test_segment_native_leaves_voxels_cropped_away_from_the_model_grid_as_background(tmp_path, monkeypatch):
     """crop_shape keeps the central 16^3 of a 40^3 file: a structure on the model grid's last row must not be
     smeared over the 12 rows past it that the network never saw."""
-    config = tiny_config(tmp_path, preprocess={"crop_shape": [16, 16, 16]})
-    reg, seg = build_networks(config, K)
-    save_checkpoint(tmp_path / "model.pt", {"config": config.to_dict(), "num_classes": K,
-                                            "reg_net": reg.state_dict(), "seg_net": seg.state_dict()})
+    save_tiny_model(tmp_path, {"crop_shape": [16, 16, 16]})
 
     def last_row_is_class_1(image):
         logits = torch.zeros(1, K, *image.shape[2:])
