@@ -298,6 +298,19 @@ def test_mistyped_flags_are_errors_in_the_commands_own_usage(capsys):
     with pytest.raises(SystemExit):
         main(["register", "a", "b", "--model", "m", "--moving-labels", "x"])
     assert "usage: deepatlas register" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the typo is named, not the required flag it left missing
+        main(["segment", "a", "--modle", "m"])
+    error = capsys.readouterr().err
+    assert "usage: deepatlas segment" in error and "unrecognized arguments: --modle m" in error
+    with pytest.raises(SystemExit):
+        main(["segment", "a"])
+    error = capsys.readouterr().err
+    assert "the following arguments are required: --model" in error
+    assert "usage: deepatlas segment" in error and "[--model" not in error  # still shown as required
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--model MODEL" in help_text and "[--model" not in help_text
 
 
 def test_info_and_bench_json(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -216,8 +217,54 @@ def _space_flag(parser: argparse.ArgumentParser, native: str, model: str) -> Non
                              f"network ran")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reports a mistyped flag before the required flags it left missing: with
+    ``segment IMAGE --modle m.pt`` the error names ``--modle``, not a missing ``--model``. While parsing, required
+    flags are marked optional and checked afterwards; usage and help (--help) still show them as required."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deferred: list[argparse.Action] = []  # the required flags while a parse runs
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._deferred = [action for action in self._actions if action.required and action.option_strings]
+        try:
+            with _required(self._deferred, False):
+                namespace, unknown = super().parse_known_args(args, namespace)
+        finally:
+            required, self._deferred = self._deferred, []
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        missing = [action for action in required if getattr(namespace, action.dest, None) is None]
+        if missing:
+            self.error("the following arguments are required: "
+                       + ", ".join("/".join(action.option_strings) for action in missing))
+        return namespace, unknown
+
+    def format_usage(self) -> str:
+        with _required(self._deferred, True):
+            return super().format_usage()
+
+    def format_help(self) -> str:
+        with _required(self._deferred, True):
+            return super().format_help()
+
+
+@contextlib.contextmanager
+def _required(actions: list[argparse.Action], value: bool):
+    """``required = value`` on ``actions`` for the block, then back to what it was."""
+    previous = [action.required for action in actions]
+    for action in actions:
+        action.required = value
+    try:
+        yield
+    finally:
+        for action, before in zip(actions, previous):
+            action.required = before
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepatlas", description="DeepAtlas joint registration + segmentation "
+    parser = _Parser(prog="deepatlas", description="DeepAtlas joint registration + segmentation "
                                      "(Xu & Niethammer, MICCAI 2019) on the deepatlas_cuda ops.", allow_abbrev=False)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -225,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
         # No abbreviations: a mistyped flag (--reg-pretrain-step) must be an error, not another flag's prefix.
         sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        sub.set_defaults(handler=handler, parser=sub)
+        sub.set_defaults(handler=handler)
         return sub
 
     demo = command("demo", cmd_demo, "train the independent baselines and DeepAtlas (one-shot) on embedded data, "
@@ -322,9 +369,7 @@ def _common(parser: argparse.ArgumentParser, seed: bool = False, json_flag: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
-    if unknown:  # reported with the command's own usage, not the top-level one
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = build_parser().parse_args(argv)  # a command's unknown arguments are reported with its own usage
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.handler(args)
