@@ -168,16 +168,17 @@ def test_registration_net_starts_at_identity(tmp_path):
     assert ddf.abs().max() < 1e-3
 
 
-def test_resume_equals_uninterrupted_training(tmp_path):
+@pytest.mark.parametrize("stop_at", [10, 7])  # a checkpoint step; a step inside a logging window (log_every 2)
+def test_resume_equals_uninterrupted_training(tmp_path, stop_at):
     config = tiny_config(tmp_path / "a")
     volumes = tiny_volumes(config)
     full = Trainer(config, volumes, config.num_classes, progress=False).fit()
 
     interrupted = replace(config, output=str(tmp_path / "b"))
-    Trainer(interrupted, volumes, config.num_classes, progress=False).fit(stop_at=10)  # a checkpoint step
-    assert load_checkpoint(tmp_path / "b" / LATEST)["step"] == 10
+    Trainer(interrupted, volumes, config.num_classes, progress=False).fit(stop_at=stop_at)
+    assert load_checkpoint(tmp_path / "b" / LATEST)["step"] == stop_at
     resumed = Trainer(interrupted, volumes, config.num_classes, progress=False)
-    assert resumed.resume() and resumed.step == 10
+    assert resumed.resume() and resumed.step == stop_at
     resumed.fit()
     assert_same_state(state_of(full), state_of(resumed))
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) != []

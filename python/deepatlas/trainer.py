@@ -84,6 +84,7 @@ class Trainer:
         self.divergence = DivergenceGuard(config.divergence_ratio)
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
+        self.window: dict[str, list[dict[str, float]]] = defaultdict(list)  # the steps not yet in a metrics row
         self.volumes = Volumes(volumes.images.to(self.device), volumes.labels.to(self.device),
                                volumes.labelled.to(self.device))
 
@@ -104,7 +105,8 @@ class Trainer:
                 "num_classes": self.num_classes, "step": self.step,
                 "reg_net": self.reg_module.state_dict(), "seg_net": self.seg_module.state_dict(),
                 "reg_opt": self.reg_opt.state_dict(), "seg_opt": self.seg_opt.state_dict(),
-                "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "metrics": self.metrics}
+                "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "metrics": self.metrics,
+                "window": dict(self.window)}
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         # A field newer than the checkpoint counts as its default there (runs from before it resume).
@@ -126,6 +128,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"].cpu())  # loaded onto the training device (map_location)
         self.step = int(state["step"])
         self.metrics = list(state["metrics"])
+        self.window = defaultdict(list, state.get("window", {}))  # checkpoints from before it: none open
 
     def save(self) -> None:
         if self.is_main:
@@ -169,11 +172,12 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------------------------------
 
     def fit(self, stop_at: int | None = None) -> "Trainer":
-        """Run the schedule from the current step to its end (or to global step ``stop_at``)."""
+        """Run the schedule from the current step to its end (or to global step ``stop_at``, where it saves a
+        checkpoint: resuming from it gives the networks and metrics rows of an uninterrupted run)."""
         total = total_steps(self.config)
         end = total if stop_at is None else min(stop_at, total)
         phase_ends = _phase_ends(self.config)
-        window: dict[str, list[dict[str, float]]] = defaultdict(list)
+        window = self.window
         bar = _progress_bar(total, self.step, enabled=self.progress and self.is_main)
         try:
             while self.step < end:
@@ -184,13 +188,15 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(phase.name, kind, window[f"{phase.name}/{kind}"]), refresh=False)
-                # Checkpoint steps also close the logging window, so a resumed run logs the same rows.
-                checkpoint_due = (self.step % self.config.checkpoint_every == 0 or self.step in phase_ends
-                                  or self.step == end)
+                # Checkpoint steps also close the logging window, so a resumed run logs the same rows. Stopping
+                # early (stop_at) saves the open window with the checkpoint instead, so that resuming from there
+                # logs the rows an uninterrupted run logs too.
+                checkpoint_due = self.step % self.config.checkpoint_every == 0 or self.step in phase_ends
                 if checkpoint_due or self.step % self.config.log_every == 0:
                     self._log_window(window)
                 if checkpoint_due:
                     self._validate(phase)
+                if checkpoint_due or self.step == end:
                     self.save()
         finally:
             if bar is not None:
