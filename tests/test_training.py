@@ -175,10 +175,11 @@ def test_resume_equals_uninterrupted_training(tmp_path, stop_at):
     full = Trainer(config, volumes, config.num_classes, progress=False).fit()
 
     interrupted = replace(config, output=str(tmp_path / "b"))
-    Trainer(interrupted, volumes, config.num_classes, progress=False).fit(stop_at=stop_at)
+    stopped = Trainer(interrupted, volumes, config.num_classes, progress=False).fit(stop_at=stop_at)
     assert load_checkpoint(tmp_path / "b" / LATEST)["step"] == stop_at
     resumed = Trainer(interrupted, volumes, config.num_classes, progress=False)
     assert resumed.resume() and resumed.step == stop_at
+    assert resumed.divergence.history == stopped.divergence.history != {}  # the jump check's loss history
     resumed.fit()
     assert_same_state(state_of(full), state_of(resumed))
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) != []
