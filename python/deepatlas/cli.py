@@ -264,8 +264,8 @@ def _required(actions: list[argparse.Action], value: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="deepatlas", description="DeepAtlas joint registration + segmentation "
-                                     "(Xu & Niethammer, MICCAI 2019) on the deepatlas_cuda ops.", allow_abbrev=False)
+    parser = _Parser(prog="deepatlas", description="DeepAtlas joint registration + segmentation (Xu & Niethammer, "
+                     "MICCAI 2019) on the deepatlas_cuda ops.", allow_abbrev=False)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
