@@ -34,3 +34,11 @@ class DivergenceGuard:
                         f"steps ({typical:.4g})")
         recent.append(loss)
         return jump
+
+    def state_dict(self) -> dict[str, list[float]]:
+        """The recent losses of each key (for a checkpoint: a resumed run's check goes on where it stopped)."""
+        return {key: list(losses) for key, losses in self.history.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        for key, losses in state.items():
+            self.history[key].extend(losses)

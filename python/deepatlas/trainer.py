@@ -107,7 +107,7 @@ class Trainer:
                 "reg_opt": self.reg_opt.state_dict(), "seg_opt": self.seg_opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "metrics": self.metrics,
                 "window": dict(self.window),
-                "divergence": {key: list(losses) for key, losses in self.divergence.history.items()}}
+                "divergence": self.divergence.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         # A field newer than the checkpoint counts as its default there (runs from before it resume).
@@ -130,8 +130,7 @@ class Trainer:
         self.step = int(state["step"])
         self.metrics = list(state["metrics"])
         self.window = defaultdict(list, state.get("window", {}))  # checkpoints from before it: none open
-        for key, losses in state.get("divergence", {}).items():  # the jump check goes on where it stopped
-            self.divergence.history[key].extend(losses)
+        self.divergence.load_state_dict(state.get("divergence", {}))  # checkpoints from before it: no history
 
     def save(self) -> None:
         if self.is_main:
