@@ -36,8 +36,8 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     """The networks of a ``model.pt`` (or a run folder holding one), in eval mode on ``device``."""
     path = Path(path)
     if path.is_dir():
-        if not (path / MODEL).is_file() and any(path.glob(f"*/{MODEL}")):
-            runs = [str(model.parent) for model in find_models(path)]
+        runs = [] if (path / MODEL).is_file() else [str(model.parent) for model in sorted(path.glob(f"*/{MODEL}"))]
+        if runs:
             raise FileNotFoundError(f"{path} holds no {MODEL} but the runs {runs} (a compare / demo folder); pass "
                                     f"one of them")
         path = path / MODEL
