@@ -476,6 +476,23 @@ def test_cache_hit_on_second_load(folder, monkeypatch):
         load_folder(root, preprocess=Preprocess(divisible_by=8), cache_dir=cache)
 
 
+def test_cache_keeps_the_latest_version_of_each_entry(folder):
+    """New settings replace an entry's cache file instead of piling up beside it; files of other entries (even
+    one whose name starts with this one's) stay."""
+    root, _ = folder
+    cache = root / "cache"
+    load_folder(root, preprocess=Preprocess(), cache_dir=cache)
+    before = {path.name for path in cache.glob("*.npz")}
+    other_entry = cache / f"a-left-{'0' * 20}.npz"
+    other_entry.write_bytes(b"")
+    again = load_folder(root, preprocess=Preprocess(divisible_by=8), cache_dir=cache)
+    after = {path.name for path in cache.glob("*.npz")} - {other_entry.name}
+    assert len(before) == len(after) == 3 and not before & after
+    assert other_entry.exists()
+    for subject in again:
+        assert all(size % 8 == 0 for size in subject.image.shape)
+
+
 def test_save_nifti_round_trip(tmp_path):
     rng = np.random.default_rng(7)
     affine = np.array([[0.0, -1.25, 0.0, 90.5], [0.75, 0.0, 0.0, -126.0], [0.0, 0.0, 2.0, -72.25], [0, 0, 0, 1]])

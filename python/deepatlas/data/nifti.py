@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,17 +232,21 @@ def cache_path(entry: Entry, preprocess: Preprocess | None, cache_dir: Path) -> 
 
 
 def load_cached(entry: Entry, preprocess: Preprocess | None, cache_dir: Path | None) -> Subject:
-    """``load_entry`` through the cache: read the .npz when present, otherwise load and write it atomically."""
+    """``load_entry`` through the cache: read the .npz when present, otherwise load, write it atomically and remove
+    the entry's stale cache files."""
     if cache_dir is None:
         return load_entry(entry, preprocess)
     for path in (entry.image, entry.label):
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"NIfTI file not found: {path}")
     target = cache_path(entry, preprocess, cache_dir)
-    if target.is_file():
+    try:
         with np.load(target) as stored:
             label = stored["label"] if bool(stored["labelled"]) else None
             image, affine = stored["image"], stored["affine"]
+    except FileNotFoundError:  # not cached yet (or just replaced by a run with other settings)
+        pass
+    else:
         header = nib.load(str(entry.image)).header  # reads the header only
         return Subject(entry.name, image, label, affine, entry.split, header)
     subject = load_entry(entry, preprocess)
@@ -255,7 +260,16 @@ def load_cached(entry: Entry, preprocess: Preprocess | None, cache_dir: Path | N
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    for stale in stale_cache_files(target, entry.name):
+        stale.unlink(missing_ok=True)
     return subject
+
+
+def stale_cache_files(target: Path, name: str) -> list[Path]:
+    """The other cache files of the entry ``name`` next to ``target``: written before a file, the settings or
+    CACHE_FORMAT changed, so never read again. The cache keeps one version per entry, the latest."""
+    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{20}\.npz")
+    return [path for path in target.parent.iterdir() if path != target and pattern.fullmatch(path.name)]
 
 
 class EntryDataset(Dataset):
