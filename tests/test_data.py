@@ -79,6 +79,37 @@ def test_synthetic_rejects_bad_arguments():
         synthetic_subjects(1, SHAPE, num_classes=1)
 
 
+def texture_ratio(subject, grained) -> float:
+    """Fine-scale std (image minus its Gaussian-smoothed self, away from boundaries) inside the grained
+    structures over that inside the others."""
+    from scipy import ndimage
+    residual = subject.image - ndimage.gaussian_filter(subject.image, 1.0)
+    inside = [ndimage.binary_erosion(subject.label == k, iterations=2) for k in range(len(grained))]
+    spread = [residual[mask].std() for k, mask in enumerate(inside) if k >= 2 and mask.sum() > 20]
+    kind = [grained[k] for k, mask in enumerate(inside) if k >= 2 and mask.sum() > 20]
+    return np.mean([s for s, g in zip(spread, kind) if g]) / np.mean([s for s, g in zip(spread, kind) if not g])
+
+
+def test_synthetic_grain_textures_one_structure_of_each_pair():
+    """grain adds texture inside the second structure of each look-alike pair only; the labels, and the images
+    at grain 0, are the same as without it."""
+    from deepatlas.data.synthetic import synthetic_base
+    shape, num_classes = (32, 32, 32), 10
+    _, _, grained = synthetic_base(shape, num_classes, np.random.default_rng([4, 0]))
+    assert grained.sum() == 4 and not grained[:2].any()
+    plain = synthetic_subjects(2, shape, num_classes=num_classes, seed=4)
+    zero = synthetic_subjects(2, shape, num_classes=num_classes, seed=4, grain=0.0)
+    grainy = synthetic_subjects(2, shape, num_classes=num_classes, seed=4, grain=0.1)
+    for a, b, c in zip(plain, zero, grainy):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.label, c.label)
+        assert 0.8 < texture_ratio(a, grained) < 1.25
+        assert texture_ratio(c, grained) > 2
+        assert c.image.min() == 0 and c.image.max() == 1
+    with pytest.raises(ValueError, match="grain applies to base 'synthetic' only"):
+        synthetic_subjects(1, SHAPE, base="mni", grain=0.1)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("nilearn") is None, reason="nilearn not installed")
 def test_mni_base():
     subjects = load_dataset("mni", num_subjects=2, shape=SHAPE, seed=0)

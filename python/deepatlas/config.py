@@ -30,6 +30,7 @@ class TrainConfig(DictRecord):
     num_test: int = 4                  # synthetic / mni: held-out (labelled) test subjects
     shape: tuple[int, int, int] = (64, 64, 64)  # synthetic / mni volume shape (each divisible by 16)
     num_classes: int = 8               # synthetic: structures incl. background (mni: fixed at 4; files: from labels)
+    grain: float = 0.0                 # synthetic: texture (noise std) in one structure of each look-alike pair
     num_labelled: int = 1              # training images whose manual labels are used (1 = one-shot, -1 = all)
     data_seed: int = 0
     flip: bool = True                  # random left-right flips of both images of a pair (augmentation)
@@ -98,7 +99,8 @@ class TrainConfig(DictRecord):
         if self.num_labelled < -1:
             raise ValueError(f"config.num_labelled must be >= 0, or -1 for all, got {self.num_labelled}")
         nonnegative = ("reg_pretrain_steps", "seg_pretrain_steps", "semi_steps", "joint_rounds", "num_test",
-                       "lambda_r", "lambda_a", "lambda_sp", "lambda_fold", "ce_weight", "divergence_ratio", "grad_clip")
+                       "lambda_r", "lambda_a", "lambda_sp", "lambda_fold", "ce_weight", "divergence_ratio", "grad_clip",
+                       "grain")
         for name in nonnegative:
             if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)}")

@@ -46,7 +46,8 @@ def prepare_data(config: TrainConfig) -> Dataset:
 
     if not config.reads_files:
         subjects = data.synthetic_subjects(config.num_train + config.num_test, shape=config.shape,
-                                           num_classes=config.num_classes, seed=config.data_seed, base=config.data)
+                                           num_classes=config.num_classes, seed=config.data_seed, base=config.data,
+                                           grain=config.grain)
         train, test = subjects[:config.num_train], subjects[config.num_train:]
         val = []
     else:

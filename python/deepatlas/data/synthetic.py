@@ -88,9 +88,9 @@ def farthest_points(candidates: np.ndarray, count: int, rng: np.random.Generator
     return candidates[chosen]
 
 
-def pair_intensities(seeds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Intensity of each Voronoi structure: nearest-neighbour seeds are paired greedily and share a level (the
-    second one ``PAIR_OFFSET`` brighter); levels are spread over [0.35, 0.95] in random order."""
+def pair_intensities(seeds: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(intensity, is-second) of each Voronoi structure: nearest-neighbour seeds are paired greedily and share a
+    level (the second one ``PAIR_OFFSET`` brighter); levels are spread over [0.35, 0.95] in random order."""
     unpaired, pairs = list(range(len(seeds))), []
     while unpaired:
         first = unpaired.pop(0)
@@ -101,23 +101,25 @@ def pair_intensities(seeds: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         else:
             pairs.append((first,))
     levels = rng.permutation(np.linspace(0.35, 0.95, len(pairs)))
-    values = np.zeros(len(seeds))
+    values, second = np.zeros(len(seeds)), np.zeros(len(seeds), dtype=bool)
     for level, pair in zip(levels, pairs):
         for rank, k in enumerate(pair):
             values[k] = level + rank * PAIR_OFFSET
-    return values
+            second[k] = rank == 1
+    return values, second
 
 
 def synthetic_base(shape: tuple[int, int, int], num_classes: int, rng: np.random.Generator
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels int64 [D, H, W] in [0, K), class intensities float [K]) of the synthetic base anatomy."""
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels int64 [D, H, W] in [0, K), class intensities float [K], grained bool [K]: the second structure of
+    each similar-looking pair) of the synthetic base anatomy."""
     grid = centred_grid(shape)
     radii = 0.42 * np.array(shape, dtype=np.float32)
     radius = np.sqrt(((grid / radii[:, None, None, None]) ** 2).sum(0))
     radius *= 1 + 0.06 * smooth_field(rng, shape, 1, control=4)[0]        # wavy head outline
     labels = np.zeros(shape, dtype=np.int64)
     labels[radius < 1] = 1
-    intensities = np.zeros(num_classes)
+    intensities, grained = np.zeros(num_classes), np.zeros(num_classes, dtype=bool)
     intensities[1] = 0.2
     inner = radius < SHELL
     if num_classes > 2:
@@ -128,29 +130,34 @@ def synthetic_base(shape: tuple[int, int, int], num_classes: int, rng: np.random
         wavy = grid + smooth_field(rng, shape, 3) * (0.04 * min(shape))     # wavy structure boundaries
         distance = np.stack([np.sqrt(((wavy - s[:, None, None, None]) ** 2).sum(0)) for s in seeds])
         labels[inner] = 2 + distance[:, inner].argmin(0)
-        intensities[2:] = pair_intensities(seeds, rng)
-    return labels, intensities
+        intensities[2:], grained[2:] = pair_intensities(seeds, rng)
+    return labels, intensities, grained
 
 
-def corrupt(image: np.ndarray, rng: np.random.Generator, bias: float, blur: float, noise: float) -> np.ndarray:
-    """Bias field exp(``bias`` * smooth field), Gaussian blur (sigma ``blur`` voxels), noise (std ``noise``), then
-    percentile normalisation to [0, 1]; float32 [D, H, W]."""
+def corrupt(image: np.ndarray, rng: np.random.Generator, bias: float, blur: float, noise: float,
+            texture: np.ndarray | None = None) -> np.ndarray:
+    """Bias field exp(``bias`` * smooth field), Gaussian blur (sigma ``blur`` voxels), plus ``texture`` (if given)
+    and noise (std ``noise``), then percentile normalisation to [0, 1]; float32 [D, H, W]."""
     image = image * np.exp(bias * smooth_field(rng, image.shape, 1, control=3)[0])
     image = ndimage.gaussian_filter(image, blur) if blur > 0 else image
+    image = image if texture is None else image + texture
     image = image + rng.normal(0, noise, image.shape)
     return normalise_intensity(image, (0.5, 99.5))
 
 
 def synthetic_subjects(num_subjects: int, shape=(64, 64, 64), num_classes: int = 8, seed: int = 0,
                        base: str = "synthetic", deformation: float = 3.0, affine_jitter: float = 0.04,
-                       bias: float = 0.2, blur: float = 0.7, noise: float = 0.03, num_test: int = 0
-                       ) -> list[Subject]:
+                       bias: float = 0.2, blur: float = 0.7, noise: float = 0.03, grain: float = 0.0,
+                       num_test: int = 0) -> list[Subject]:
     """``num_subjects`` labelled subjects named ``{base}_{i:03d}`` (see the module docstring).
 
     shape: volume size (any); num_classes: K incl. background (>= 2; base "mni" always has 4, see mni.py);
     deformation: per-axis RMS of the smooth displacement in voxels of a 64-voxel volume; affine_jitter: size of the
-    random affine (see ``random_displacement``); bias / blur / noise: image corruption (see ``corrupt``); the last
-    ``num_test`` subjects get split "test", the others "train". Synthetic affine: 1 mm voxels, origin at the centre.
+    random affine (see ``random_displacement``); bias / blur / noise: image corruption (see ``corrupt``); grain
+    (synthetic only): std of extra white noise (drawn afresh per subject, added after the blur) inside the second
+    structure of each similar-looking pair, so the two differ in texture, which a network can learn to see but an
+    intensity similarity cannot align; the last ``num_test`` subjects get split "test", the others "train".
+    Synthetic affine: 1 mm voxels, origin at the centre.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 4:
@@ -161,16 +168,19 @@ def synthetic_subjects(num_subjects: int, shape=(64, 64, 64), num_classes: int =
     if base == "synthetic":
         if num_classes < 2:
             raise ValueError(f"synthetic_subjects: num_classes must be >= 2 (background + head), got {num_classes}")
-        base_labels, intensities = synthetic_base(shape, num_classes, np.random.default_rng([seed, 0]))
+        base_labels, intensities, grained = synthetic_base(shape, num_classes, np.random.default_rng([seed, 0]))
         affine = np.eye(4)
         affine[:3, 3] = -(np.array(shape) - 1) / 2
     elif base == "mni":
+        if grain:
+            raise ValueError(f"synthetic_subjects: grain applies to base 'synthetic' only, got {grain} for 'mni'")
         from .mni import mni_base
         base_labels, t1, affine = mni_base(shape)
         base_image = torch.from_numpy(t1)[None, None]
     else:
         raise ValueError(f"synthetic_subjects: base must be 'synthetic' or 'mni', got {base!r}")
     label_tensor = torch.from_numpy(base_labels)[None, None]
+    texture = None
     subjects = []
     for index in range(num_subjects):
         rng = np.random.default_rng([seed, 1, index])
@@ -179,9 +189,11 @@ def synthetic_subjects(num_subjects: int, shape=(64, 64, 64), num_classes: int =
         if base == "synthetic":
             lookup = intensities + np.concatenate([[0.0], rng.normal(0, 0.02, len(intensities) - 1)])
             image = lookup[label]
+            if grain:
+                texture = np.where(grained[label], np.random.default_rng([seed, 2, index]).normal(0, grain, shape), 0)
         else:
             image = deepatlas_cuda.warp(base_image, ddf, padding_mode="zeros")[0, 0].numpy().astype(np.float64)
-        image = corrupt(image, rng, bias, blur, noise)
+        image = corrupt(image, rng, bias, blur, noise, texture)
         split = "test" if index >= num_subjects - num_test else "train"
         subjects.append(Subject(f"{base}_{index:03d}", image, label.astype(np.int64), affine.copy(), split))
     return subjects
