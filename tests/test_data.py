@@ -106,6 +106,8 @@ def test_synthetic_grain_textures_one_structure_of_each_pair():
         assert 0.8 < texture_ratio(a, grained) < 1.25
         assert texture_ratio(c, grained) > 2
         assert c.image.min() == 0 and c.image.max() == 1
+    with pytest.raises(ValueError, match="grain must be >= 0"):
+        synthetic_subjects(1, SHAPE, grain=-0.1)
     with pytest.raises(ValueError, match="grain applies to base 'synthetic' only"):
         synthetic_subjects(1, SHAPE, base="mni", grain=0.1)
 

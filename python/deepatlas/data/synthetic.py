@@ -8,7 +8,8 @@ labels carry information. Base "mni": the MNI152 template (see ``mni.py``; 4 cla
 Each subject = base warped by a random smooth displacement (a coarse random field, upsampled and Gaussian-smoothed)
 composed with a small random affine; the labels are warped with nearest-neighbour interpolation. The image is the
 subject's structure intensities (synthetic) or the warped T1 (mni), times a smooth multiplicative bias field,
-blurred, plus Gaussian noise, then clipped to its 0.5 / 99.5 percentiles and rescaled to [0, 1].
+blurred, plus Gaussian noise, then clipped to its 0.5 / 99.5 percentiles and rescaled to [0, 1]. Optionally
+(``grain``) one structure of each look-alike pair also gets a texture of its own, fresh noise per subject.
 
 Randomness: the base comes from seed ``(seed, 0)``, subject i from ``(seed, 1, i)``, so the first n subjects do not
 depend on how many are generated.
@@ -165,6 +166,8 @@ def synthetic_subjects(num_subjects: int, shape=(64, 64, 64), num_classes: int =
     if num_subjects < 1 or not 0 <= num_test <= num_subjects:
         raise ValueError(f"synthetic_subjects: need num_subjects >= 1 and 0 <= num_test <= num_subjects, got "
                          f"{num_subjects} and {num_test}")
+    if not grain >= 0:  # NaN too
+        raise ValueError(f"synthetic_subjects: grain must be >= 0, got {grain}")
     if base == "synthetic":
         if num_classes < 2:
             raise ValueError(f"synthetic_subjects: num_classes must be >= 2 (background + head), got {num_classes}")
