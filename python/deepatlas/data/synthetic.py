@@ -148,17 +148,17 @@ def corrupt(image: np.ndarray, rng: np.random.Generator, bias: float, blur: floa
 
 def synthetic_subjects(num_subjects: int, shape=(64, 64, 64), num_classes: int = 8, seed: int = 0,
                        base: str = "synthetic", deformation: float = 3.0, affine_jitter: float = 0.04,
-                       bias: float = 0.2, blur: float = 0.7, noise: float = 0.03, grain: float = 0.0,
-                       num_test: int = 0) -> list[Subject]:
+                       bias: float = 0.2, blur: float = 0.7, noise: float = 0.03, num_test: int = 0,
+                       grain: float = 0.0) -> list[Subject]:
     """``num_subjects`` labelled subjects named ``{base}_{i:03d}`` (see the module docstring).
 
     shape: volume size (any); num_classes: K incl. background (>= 2; base "mni" always has 4, see mni.py);
     deformation: per-axis RMS of the smooth displacement in voxels of a 64-voxel volume; affine_jitter: size of the
-    random affine (see ``random_displacement``); bias / blur / noise: image corruption (see ``corrupt``); grain
-    (synthetic only): std of extra white noise (drawn afresh per subject, added after the blur) inside the second
-    structure of each similar-looking pair, so the two differ in texture, which a network can learn to see but an
-    intensity similarity cannot align; the last ``num_test`` subjects get split "test", the others "train".
-    Synthetic affine: 1 mm voxels, origin at the centre.
+    random affine (see ``random_displacement``); bias / blur / noise: image corruption (see ``corrupt``); the last
+    ``num_test`` subjects get split "test", the others "train"; grain (synthetic only): std of extra white noise
+    (drawn afresh per subject, added after the blur) inside the second structure of each similar-looking pair, so
+    the two differ in texture, which an intensity similarity between two subjects cannot align. Synthetic affine:
+    1 mm voxels, origin at the centre.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 4:
