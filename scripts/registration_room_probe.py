@@ -67,10 +67,13 @@ def probe_pairs(args) -> None:
             row = registration_metrics(labels[m:m + 1], labels[f:f + 1], ddf, k)
             dice[name].append(row["reg_dice"])
             folding[name].append(row["folding_pct"])
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
     print(f"seed {args.seed}, grain {args.grain}, {args.iterations} Adam steps (lr {args.lr}), "
           f"{len(dice['before'])} test pairs. reg Dice: " + ", ".join(f"{n} {mean(v):.3f}" for n, v in dice.items())
           + "; % folding: " + ", ".join(f"{n} {mean(v):.3f}" for n, v in folding.items()), flush=True)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def probe_models(args) -> None:
