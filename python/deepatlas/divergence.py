@@ -40,5 +40,7 @@ class DivergenceGuard:
         return {key: list(losses) for key, losses in self.history.items()}
 
     def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        """Replace the recent losses with those of ``state`` (what :meth:`state_dict` returned)."""
+        self.history.clear()
         for key, losses in state.items():
             self.history[key].extend(losses)

@@ -179,23 +179,23 @@ class Trainer:
         total = total_steps(self.config)
         end = total if stop_at is None else min(stop_at, total)
         phase_ends = _phase_ends(self.config)
-        window = self.window
         bar = _progress_bar(total, self.step, enabled=self.progress and self.is_main)
         try:
             while self.step < end:
                 phase, kind = step_at(self.config, self.step)
                 parts = self._train_step(phase, kind)
                 self.step += 1
-                window[f"{phase.name}/{kind}"].append(parts)
+                rows = self.window[f"{phase.name}/{kind}"]
+                rows.append(parts)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(_postfix(phase.name, kind, window[f"{phase.name}/{kind}"]), refresh=False)
+                    bar.set_postfix_str(_postfix(phase.name, kind, rows), refresh=False)
                 # Checkpoint steps also close the logging window, so a resumed run logs the same rows. Stopping
                 # early (stop_at) saves the open window with the checkpoint instead, so that resuming from there
                 # logs the rows an uninterrupted run logs too.
                 checkpoint_due = self.step % self.config.checkpoint_every == 0 or self.step in phase_ends
                 if checkpoint_due or self.step % self.config.log_every == 0:
-                    self._log_window(window)
+                    self._log_window()
                 if checkpoint_due:
                     self._validate(phase)
                 if checkpoint_due or self.step == end:
@@ -289,15 +289,16 @@ class Trainer:
         self.scaler.update()
         return grad_norm
 
-    def _log_window(self, window: dict[str, list[dict[str, float]]]) -> None:
-        for key, rows in window.items():
+    def _log_window(self) -> None:
+        """One metrics row per phase and step kind of the open window (the means of its steps), then a new window."""
+        for key, rows in self.window.items():
             phase, kind = key.split("/")
             keys = list(dict.fromkeys(k for row in rows for k in row))
             mean = {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
             mean["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rows)
             self.metrics.append({"step": self.step, "phase": phase, "kind": kind, "steps": len(rows), **mean})
             log.debug("step %d %s", self.step, self.metrics[-1])
-        window.clear()
+        self.window.clear()
 
 
 def _phase_ends(config: TrainConfig) -> set[int]:
