@@ -31,7 +31,10 @@ from deepatlas.losses import anatomy_loss, diffusion_loss, similarity_loss
 from deepatlas.metrics import mean_foreground_dice, registration_metrics
 from deepatlas.run import prepare_data
 
-OBJECTIVES = {"image": (1.0, None), "image+labels": (1.0, "lambda_a"), "labels": (0.0, 1.0)}
+
+def objectives(config) -> dict[str, tuple[float, float]]:
+    """Name -> (image weight, anatomy weight); the regulariser always has weight ``config.lambda_r``."""
+    return {"image": (1.0, 0.0), "image+labels": (1.0, config.lambda_a), "labels": (0.0, 1.0)}
 
 
 def optimise(moving, fixed, moving_labels, fixed_labels, config, num_classes: int, image_weight: float,
@@ -56,14 +59,14 @@ def probe_pairs(args) -> None:
     config = replace(demo_config("unused", args.preset, seed=args.seed), grain=args.grain)
     dataset = prepare_data(config)
     images, labels, k = dataset.test_images, dataset.test_labels, dataset.num_classes
-    dice = {"before": []} | {name: [] for name in OBJECTIVES}
-    folding = {name: [] for name in OBJECTIVES}
+    weights = objectives(config)
+    dice = {"before": []} | {name: [] for name in weights}
+    folding = {name: [] for name in weights}
     for m, f in test_pairs(images.shape[0], config.eval_pairs):
         dice["before"].append(float(mean_foreground_dice(labels[m, 0], labels[f, 0], k)))
-        for name, (image_weight, anatomy_weight) in OBJECTIVES.items():
-            weight = config.lambda_a if anatomy_weight == "lambda_a" else anatomy_weight
+        for name, (image_weight, anatomy_weight) in weights.items():
             ddf = optimise(images[m:m + 1], images[f:f + 1], labels[m:m + 1], labels[f:f + 1], config, k,
-                           image_weight, weight or 0.0, args.iterations, args.lr)
+                           image_weight, anatomy_weight, args.iterations, args.lr)
             row = registration_metrics(labels[m:m + 1], labels[f:f + 1], ddf, k)
             dice[name].append(row["reg_dice"])
             folding[name].append(row["folding_pct"])

@@ -84,10 +84,12 @@ def texture_ratio(subject, grained) -> float:
     structures over that inside the others."""
     from scipy import ndimage
     residual = subject.image - ndimage.gaussian_filter(subject.image, 1.0)
-    inside = [ndimage.binary_erosion(subject.label == k, iterations=2) for k in range(len(grained))]
-    spread = [residual[mask].std() for k, mask in enumerate(inside) if k >= 2 and mask.sum() > 20]
-    kind = [grained[k] for k, mask in enumerate(inside) if k >= 2 and mask.sum() > 20]
-    return np.mean([s for s, g in zip(spread, kind) if g]) / np.mean([s for s, g in zip(spread, kind) if not g])
+    spread = {True: [], False: []}
+    for k in range(2, len(grained)):
+        inside = ndimage.binary_erosion(subject.label == k, iterations=2)
+        if inside.sum() > 20:
+            spread[bool(grained[k])].append(residual[inside].std())
+    return np.mean(spread[True]) / np.mean(spread[False])
 
 
 def test_synthetic_grain_textures_one_structure_of_each_pair():
