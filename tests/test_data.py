@@ -4,7 +4,10 @@ import csv
 import gzip
 import importlib.util
 import json
+import logging
+import os
 import runpy
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -526,6 +529,43 @@ def test_cache_keeps_the_latest_version_of_each_entry(folder):
     assert other_entry.exists()
     for subject in again:
         assert all(size % 8 == 0 for size in subject.image.shape)
+
+
+def test_cache_removes_abandoned_temporaries_only(folder, caplog):
+    """A cache write killed mid-write leaves a hidden temporary; the next load removes it once it is older than
+    ABANDONED_AFTER, and leaves a fresh one (a live writer's) and other hidden files alone."""
+    root, _ = folder
+    cache = root / "cache"
+    load_folder(root, preprocess=Preprocess(), cache_dir=cache)
+    entry = next(cache.glob("*.npz")).name
+    abandoned, fresh, other = cache / f".{entry}.k1ll3d.npz", cache / f".{entry}.wr1t1ng.npz", cache / ".notes.npz"
+    for path in (abandoned, fresh, other):
+        path.write_bytes(b"partial")
+    old = time.time() - nifti_module.ABANDONED_AFTER - 60
+    for path in (abandoned, other):
+        os.utime(path, (old, old))
+    with caplog.at_level(logging.INFO, logger="deepatlas"):
+        load_folder(root, preprocess=Preprocess(), cache_dir=cache)
+    assert not abandoned.exists() and fresh.exists() and other.exists()
+    assert "removed 1 temporary file(s) of interrupted cache writes" in caplog.text
+
+
+def test_cache_write_whose_temporary_vanished_returns_the_subject(folder, monkeypatch):
+    """If another process takes a slow write's temporary for abandoned and removes it, the load still succeeds;
+    the entry is just not cached."""
+    root, _ = folder
+    cache = root / "cache"
+    real_replace = os.replace
+
+    def replace_after_removal(source, target):
+        os.unlink(source)
+        return real_replace(source, target)
+
+    monkeypatch.setattr(nifti_module.os, "replace", replace_after_removal)
+    subjects = load_folder(root, preprocess=Preprocess(), cache_dir=cache)
+    monkeypatch.undo()
+    assert len(subjects) == 3 and list(cache.iterdir()) == []
+    np.testing.assert_array_equal(load_folder(root, preprocess=Preprocess())[0].image, subjects[0].image)
 
 
 def test_save_nifti_round_trip(tmp_path):

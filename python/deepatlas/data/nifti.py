@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,6 +222,10 @@ def file_stamp(path: Path | None) -> str:
 # (2: files in microns / metres scaled to mm; labels mapped through label_map before padding).
 CACHE_FORMAT = 2
 
+# Seconds after which a cache write's temporary file counts as abandoned: a write takes seconds, and one whose
+# temporary is removed anyway (its writer was suspended that long) only skips caching.
+ABANDONED_AFTER = 600.0
+
 
 def cache_path(entry: Entry, preprocess: Preprocess | None, cache_dir: Path) -> Path:
     """The .npz holding this entry's preprocessed arrays (the key changes when a file, the settings or
@@ -257,6 +262,8 @@ def load_cached(entry: Entry, preprocess: Preprocess | None, cache_dir: Path | N
             np.savez(stream, image=subject.image, affine=subject.affine, labelled=subject.labelled,
                      label=subject.label if subject.labelled else np.zeros(0, np.int64))
         os.replace(temporary, target)
+    except FileNotFoundError:  # the temporary was taken for abandoned and removed: the entry stays uncached
+        return subject
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -270,6 +277,24 @@ def stale_cache_files(target: Path, name: str) -> list[Path]:
     CACHE_FORMAT changed, so never read again. The cache keeps one version per entry, the latest."""
     pattern = re.compile(re.escape(name) + r"-[0-9a-f]{20}\.npz")
     return [path for path in target.parent.iterdir() if path != target and pattern.fullmatch(path.name)]
+
+
+def remove_abandoned_temporaries(cache_dir: Path) -> list[Path]:
+    """Delete the temporary files (:func:`temporary_file`) of cache writes untouched for ``ABANDONED_AFTER``
+    seconds, left by a writer killed mid-write (a live one renames its temporary within seconds); returns them."""
+    if not cache_dir.is_dir():
+        return []
+    pattern = re.compile(r"\..+-[0-9a-f]{20}\.npz\..+\.npz")
+    oldest = time.time() - ABANDONED_AFTER
+    removed = []
+    for path in cache_dir.iterdir():
+        try:
+            if pattern.fullmatch(path.name) and path.stat().st_mtime < oldest:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # renamed or removed by its writer meanwhile
+            pass
+    return removed
 
 
 class EntryDataset(Dataset):
@@ -296,7 +321,10 @@ def load_entries(entries: list[Entry], preprocess: Preprocess | None, cache_dir,
         raise ValueError(f"{source}: empty dataset (no images found)")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    dataset = EntryDataset(entries, preprocess, None if cache_dir is None else Path(cache_dir))
+    cache_dir = None if cache_dir is None else Path(cache_dir)
+    if cache_dir is not None and (abandoned := remove_abandoned_temporaries(cache_dir)):
+        log.info("removed %d temporary file(s) of interrupted cache writes in %s", len(abandoned), cache_dir)
+    dataset = EntryDataset(entries, preprocess, cache_dir)
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=first_item)
     return list(loader)
 
