@@ -8,7 +8,8 @@ dense displacement directly with Adam (no network, so no generalisation and no t
 with the default preset's losses and weights, and print the mean registration Dice of each (and "before").
 
 `models`: registration Dice of trained models on 12 pairs of their own training subjects (the first four) next to
-the test pairs: whether a network fits, on the pairs it was trained on, what direct optimisation reaches.
+the test pairs: whether a network fits, on the pairs it was trained on, what direct optimisation reaches; and how
+well F_R segments the test images by warping the one-shot atlas onto them (what F_S competes with in joint training).
 
 A probe, not part of the package: docs/results.md ("How much room") has what it gave.
 
@@ -57,6 +58,7 @@ def optimise(moving, fixed, moving_labels, fixed_labels, config, num_classes: in
 
 def probe_pairs(args) -> None:
     config = replace(demo_config("unused", args.preset, seed=args.seed), grain=args.grain)
+    config = config if args.num_train is None else replace(config, num_train=args.num_train)
     dataset = prepare_data(config)
     images, labels, k = dataset.test_images, dataset.test_labels, dataset.num_classes
     weights = objectives(config)
@@ -89,7 +91,20 @@ def probe_models(args) -> None:
         on_train = evaluate_registration(model.reg_net, images, labels, model.num_classes)["reg_dice"]
         on_test = evaluate_registration(model.reg_net, dataset.test_images, dataset.test_labels,
                                         model.num_classes)["reg_dice"]
-        print(f"{run}: reg Dice on training pairs {on_train:.3f}, on test pairs {on_test:.3f}", flush=True)
+        print(f"{run}: reg Dice on training pairs {on_train:.3f}, on test pairs {on_test:.3f}, atlas "
+              f"segmentation Dice on test images {atlas_segmentation_dice(model, dataset):.3f}", flush=True)
+
+
+@torch.no_grad()
+def atlas_segmentation_dice(model, dataset) -> float:
+    """Mean foreground Dice of segmenting each test image by registration: the first training subject (the
+    one-shot setting's labelled image, the atlas) warped onto it by F_R, its labels through the nearest warp."""
+    atlas = dataset.train_subjects[0]
+    test_count = dataset.test_images.shape[0]
+    atlas_image = torch.from_numpy(atlas.image)[None, None].float().expand(test_count, -1, -1, -1, -1)
+    ddf = model.reg_net(atlas_image, dataset.test_images)
+    atlas_labels = torch.from_numpy(atlas.label)[None, None].long()
+    return float(registration_metrics(atlas_labels, dataset.test_labels, ddf, model.num_classes)["reg_dice"])
 
 
 def main() -> None:
@@ -99,6 +114,7 @@ def main() -> None:
     pairs.add_argument("--seed", type=int, default=0, help="data seed, as `compare --seeds`")
     pairs.add_argument("--preset", default="default")
     pairs.add_argument("--grain", type=float, default=0.0)
+    pairs.add_argument("--num-train", type=int, help="as `compare --num-train` (it moves the test subjects)")
     pairs.add_argument("--iterations", type=int, default=300)
     pairs.add_argument("--lr", type=float, default=0.05)
     models = commands.add_parser("models", help="trained models on training and test pairs")
