@@ -226,6 +226,9 @@ CACHE_FORMAT = 2
 # temporary is removed anyway (its writer was suspended that long) only skips caching.
 ABANDONED_AFTER = 600.0
 
+# What follows an entry's name in its cache file's name (see cache_path): "-", 20 hex digits of the key, ".npz".
+CACHE_NAME_TAIL = r"-[0-9a-f]{20}\.npz"
+
 
 def cache_path(entry: Entry, preprocess: Preprocess | None, cache_dir: Path) -> Path:
     """The .npz holding this entry's preprocessed arrays (the key changes when a file, the settings or
@@ -275,7 +278,7 @@ def load_cached(entry: Entry, preprocess: Preprocess | None, cache_dir: Path | N
 def stale_cache_files(target: Path, name: str) -> list[Path]:
     """The other cache files of the entry ``name`` next to ``target``: written before a file, the settings or
     CACHE_FORMAT changed, so never read again. The cache keeps one version per entry, the latest."""
-    pattern = re.compile(re.escape(name) + r"-[0-9a-f]{20}\.npz")
+    pattern = re.compile(re.escape(name) + CACHE_NAME_TAIL)
     return [path for path in target.parent.iterdir() if path != target and pattern.fullmatch(path.name)]
 
 
@@ -284,7 +287,7 @@ def remove_abandoned_temporaries(cache_dir: Path) -> list[Path]:
     seconds, left by a writer killed mid-write (a live one renames its temporary within seconds); returns them."""
     if not cache_dir.is_dir():
         return []
-    pattern = re.compile(r"\..+-[0-9a-f]{20}\.npz\..+\.npz")
+    pattern = re.compile(r"\..+" + CACHE_NAME_TAIL + r"\..+\.npz")  # temporary_file(target, ".npz")
     oldest = time.time() - ABANDONED_AFTER
     removed = []
     for path in cache_dir.iterdir():
