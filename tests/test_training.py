@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepatlas.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from deepatlas.checkpoint import (CheckpointError, atomic_write, load_checkpoint, remove_stray_temporaries,
+                                  save_checkpoint, temporary_file)
 from deepatlas.config import TrainConfig
 from deepatlas.distributed import end_process_group
 from deepatlas.divergence import DivergenceGuard
@@ -275,6 +276,24 @@ def test_resume_removes_the_temporary_files_of_an_interrupted_write(tmp_path):
         path.write_bytes(b"partial")
     assert not Trainer(config, tiny_volumes(config), config.num_classes, progress=False).resume()
     assert [p.exists() for p in stray] == [False] * 3 and all(p.exists() for p in kept)
+
+
+def test_stray_temporaries_are_recognised_by_the_names_temporary_file_gives(tmp_path):
+    """The cleanups match mkstemp's real names (not only hand-made ones like those above): every temporary of the
+    named files goes, the files themselves, other names and other suffixes stay."""
+    stray = []
+    for name in ("model.pt", "metrics.json"):
+        handle, temporary = temporary_file(tmp_path / name)
+        os.close(handle)
+        stray.append(Path(temporary))
+    handle, other_suffix = temporary_file(tmp_path / "model.pt", ".npz")
+    os.close(handle)
+    kept = [tmp_path / "model.pt", tmp_path / ".model.pt.tmp", tmp_path / ".model.ptx.ab12.tmp", Path(other_suffix)]
+    for path in kept:
+        path.touch()
+    assert remove_stray_temporaries(tmp_path, ["model.pt", "metrics.json"]) == sorted(stray)
+    assert all(path.exists() for path in kept)
+    assert remove_stray_temporaries(tmp_path / "missing", ["model.pt"]) == []
 
 
 def test_checkpoint_round_trip_and_weights_only(tmp_path):

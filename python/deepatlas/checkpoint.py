@@ -4,8 +4,8 @@ old one, so a crash or a full disk mid-write never leaves a corrupt checkpoint; 
 from __future__ import annotations
 
 import errno
-import glob
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,12 +45,22 @@ def temporary_file(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
     return fd, tmp
 
 
+def temporary_name_pattern(name_pattern: str, suffix: str = ".tmp") -> re.Pattern:
+    """Matches the names :func:`temporary_file` gives the temporaries of targets whose name matches the regular
+    expression ``name_pattern``: ".", the target's name, ".", mkstemp's random part, ``suffix``."""
+    return re.compile(r"\.(?:" + name_pattern + r")\.[^.]+" + re.escape(suffix))
+
+
 def remove_stray_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
     """Delete the temporary files (:func:`temporary_file`) that a writer killed mid-write (kill -9, a power cut)
     left next to ``names`` in ``folder``; returns the paths removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = temporary_name_pattern("|".join(map(re.escape, names)))
     removed = []
-    for name in names:
-        for path in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+    for path in sorted(folder.iterdir()):
+        if pattern.fullmatch(path.name):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

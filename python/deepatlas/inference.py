@@ -32,11 +32,16 @@ class LoadedModel:
     device: torch.device
 
 
+def models_of_runs_in(folder: Path) -> list[Path]:
+    """The model.pt of each run folder directly inside ``folder`` (a compare / demo output), sorted."""
+    return sorted(folder.glob(f"*/{MODEL}"))
+
+
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     """The networks of a ``model.pt`` (or a run folder holding one), in eval mode on ``device``."""
     path = Path(path)
     if path.is_dir():
-        runs = [] if (path / MODEL).is_file() else [str(model.parent) for model in sorted(path.glob(f"*/{MODEL}"))]
+        runs = [] if (path / MODEL).is_file() else [str(model.parent) for model in models_of_runs_in(path)]
         if runs:
             raise FileNotFoundError(f"{path} holds no {MODEL} but the runs {runs} (a compare / demo folder); pass "
                                     f"one of them")
@@ -82,7 +87,7 @@ def find_models(run: str | Path) -> list[Path]:
         return [run]
     if (run / MODEL).is_file():
         return [run / MODEL]
-    found = sorted(run.glob(f"*/{MODEL}"))
+    found = models_of_runs_in(run)
     if not found:
         raise FileNotFoundError(f"no {MODEL} in {run} or its sub-folders: train a model first")
     return found

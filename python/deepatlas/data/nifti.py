@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import temporary_file
+from ..checkpoint import temporary_file, temporary_name_pattern
 from .preprocess import Preprocess, normalise_intensity
 from .subject import SPLITS, Subject
 
@@ -287,7 +287,7 @@ def remove_abandoned_temporaries(cache_dir: Path) -> list[Path]:
     seconds, left by a writer killed mid-write (a live one renames its temporary within seconds); returns them."""
     if not cache_dir.is_dir():
         return []
-    pattern = re.compile(r"\..+" + CACHE_NAME_TAIL + r"\..+\.npz")  # temporary_file(target, ".npz")
+    pattern = temporary_name_pattern(".+" + CACHE_NAME_TAIL, ".npz")
     oldest = time.time() - ABANDONED_AFTER
     removed = []
     for path in cache_dir.iterdir():
