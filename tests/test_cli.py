@@ -111,7 +111,9 @@ def test_every_preset_is_a_flag_and_gncc_is_the_default_with_the_papers_losses()
     default, gncc = demo_config("x", "default"), demo_config("x", "gncc")
     assert (default.similarity, default.lambda_r, default.grad_clip) == ("lncc", 0.3, 3.0)
     assert (gncc.similarity, gncc.lambda_r, gncc.grad_clip) == ("ncc", 1.0, 0.0)
-    assert dataclasses.replace(gncc, similarity="lncc", lambda_r=0.3, grad_clip=3.0) == default
+    assert (default.seg_channels, gncc.seg_channels) == ((8, 16, 32, 64), (4, 8, 16, 32))
+    assert dataclasses.replace(gncc, similarity="lncc", lambda_r=0.3, grad_clip=3.0,
+                               seg_channels=(8, 16, 32, 64)) == default
     assert build_parser().parse_args(["demo", "--preset", "gncc"]).preset == "gncc"
     assert build_parser().parse_args(["demo"]).preset == "default"
 

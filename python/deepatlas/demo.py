@@ -21,7 +21,8 @@ log = logging.getLogger("deepatlas")
 # baselines get the same number of steps of the network they train as the joint model (see deepatlas.schedule).
 # "gncc" is the default's budget with the paper's losses (global NCC, lambda_r 1, no clip; the demo's settings until
 # 2026-12); "default" adds local NCC, lambda_r 0.3 and a gradient-norm clip of 3 (chosen while the local NCC loss
-# was biased; with the fixed loss joint gains segmentation but not registration, docs/results.md).
+# was biased; with the fixed loss joint gains segmentation but not registration, docs/results.md), and F_S at the
+# full widths 8-64 (4-8-16-32 until 2026-12-07: its stand-in labels were worse than registration's own).
 GNCC = dict(shape=(32, 32, 32), num_train=10, num_test=4, num_classes=10, reg_enc=(8, 16, 16, 16, 16),
             reg_dec=(16, 16, 16, 16, 8, 8), seg_channels=(4, 8, 16, 32), lr=2e-3, ce_weight=1.0, lambda_a=0.3,
             reg_pretrain_steps=400, seg_pretrain_steps=400, semi_steps=300, joint_rounds=30, reg_per_seg=5,
@@ -31,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   reg_dec=(16, 16, 16, 16, 8, 8), seg_channels=(4, 8, 16, 32), reg_pretrain_steps=20,
                   seg_pretrain_steps=10, semi_steps=5, joint_rounds=2, reg_per_seg=5, eval_pairs=6,
                   log_every=5, checkpoint_every=50),
-    "default": dict(GNCC, similarity="lncc", lambda_r=0.3, grad_clip=3.0),
+    "default": dict(GNCC, similarity="lncc", lambda_r=0.3, grad_clip=3.0, seg_channels=(8, 16, 32, 64)),
     "gncc": GNCC,
     "long": dict(shape=(64, 64, 64), num_train=20, num_test=6, num_classes=8, reg_pretrain_steps=1500,
                  seg_pretrain_steps=300, semi_steps=200, joint_rounds=40, reg_per_seg=20, eval_pairs=30,
