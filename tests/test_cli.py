@@ -104,7 +104,7 @@ def test_cli_choices_equal_the_modules_that_define_them():
     assert cli.SPACES == inference.SPACES and cli.DDF_FORMATS == inference.DDF_FORMATS
 
 
-def test_every_preset_is_a_flag_and_gncc_is_the_default_with_the_papers_losses():
+def test_every_preset_is_a_flag_and_default_differs_from_gncc_in_its_losses_and_seg_widths():
     from deepatlas.cli import PRESET_NAMES
     from deepatlas.demo import PRESETS, demo_config
     assert set(PRESET_NAMES) == set(PRESETS)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from deepatlas_cuda.reference import ddf_to_grid, identity_grid
 from deepatlas import losses
-from deepatlas.losses import (LocalNCCLoss, anatomy_loss, bending_energy_loss, diffusion_loss, folding_penalty,
-                              global_ncc_loss, mse_loss, regulariser_loss, similarity_loss, soft_dice_loss,
-                              supervised_loss)
+from deepatlas.losses import (LocalNCCLoss, anatomy_loss, bending_energy_loss, confidence, diffusion_loss,
+                              folding_penalty, global_ncc_loss, mse_loss, regulariser_loss, similarity_loss,
+                              soft_dice_loss, supervised_loss, weighted_anatomy_loss)
 
 F64 = torch.float64
 
@@ -221,6 +221,45 @@ def test_anatomy_loss_identity_and_errors():
         anatomy_loss(torch.rand(1, 2, 6, 6, 6, dtype=F64), zero, labels, 3)
     with pytest.raises(ValueError, match="ddf"):
         anatomy_loss(labels, zero[:, :2], labels, 3)
+
+
+@pytest.mark.parametrize("source_kind", ["labels", "probabilities"])
+def test_weighted_anatomy_loss_is_anatomy_loss_at_weight_one_and_a_weighted_dice_otherwise(source_kind):
+    k, shape = 4, (2, 1, 6, 7, 8)
+    labels = torch.randint(0, k, shape, dtype=torch.int32)
+    source = labels if source_kind == "labels" else torch.randn(2, k, *shape[2:], dtype=F64).softmax(1)
+    target = torch.randn(2, k, *shape[2:], dtype=F64).softmax(1)
+    ddf = (torch.randn(2, 3, *shape[2:], dtype=F64) * 1.5).requires_grad_()
+    ones = torch.ones(shape, dtype=F64)
+    torch.testing.assert_close(weighted_anatomy_loss(source, ddf, target, ones, k),
+                               anatomy_loss(source, ddf, target, k), rtol=1e-9, atol=1e-12)
+
+    weight = rand(*shape)
+    loss = weighted_anatomy_loss(source, ddf, target, weight, k)
+    warped = reference_warp(one_hot(source, k) if source_kind == "labels" else source, ddf)
+    dice = (2 * (weight * warped * target).sum((2, 3, 4)) + 1e-6) / (
+        (weight * warped).sum((2, 3, 4)) + (weight * target).sum((2, 3, 4)) + 1e-6)
+    torch.testing.assert_close(loss, 1 - dice.mean(), rtol=1e-9, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss, ddf)
+    assert grad.abs().sum() > 0
+    # a voxel of weight 0 does not count: a target that is wrong there changes nothing
+    zeroed = weight.clone()
+    zeroed[:, :, 2:4] = 0
+    wrong = target.clone()
+    wrong[:, :, 2:4] = target[:, :, 2:4].roll(1, dims=1)
+    torch.testing.assert_close(weighted_anatomy_loss(source, ddf, target, zeroed, k),
+                               weighted_anatomy_loss(source, ddf, wrong, zeroed, k), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="weight"):
+        weighted_anatomy_loss(source, ddf, target, weight[:, :, 1:], k)
+
+
+def test_confidence_is_zero_for_a_uniform_and_one_for_a_certain_prediction():
+    uniform = torch.full((1, 4, 2, 2, 2), 0.25, dtype=F64)
+    certain = one_hot(torch.randint(0, 4, (1, 1, 2, 2, 2)), 4)
+    assert torch.equal(confidence(uniform), torch.zeros(1, 1, 2, 2, 2, dtype=F64))
+    assert torch.equal(confidence(certain), torch.ones(1, 1, 2, 2, 2, dtype=F64))
+    halves = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=F64).view(1, 4, 1, 1, 1)
+    assert confidence(halves).item() == pytest.approx((0.5 - 0.25) / 0.75)
 
 
 def test_soft_dice_loss_values():

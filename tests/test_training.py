@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import deepatlas_cuda as da
 from deepatlas.checkpoint import (CheckpointError, atomic_write, load_checkpoint, remove_stray_temporaries,
                                   save_checkpoint, temporary_file)
 from deepatlas.config import TrainConfig
@@ -513,12 +514,12 @@ def test_sequential_segmentation_step_equals_the_joint_one(tmp_path):
 
 def test_hard_anatomy_prediction_uses_the_argmax_label_map(tmp_path):
     """anatomy_prediction="hard": an unlabelled image of a registration step is stood in for by F_S's argmax (int64
-    labels, the fused label path); "soft" by its probabilities. Both give a finite anatomy term with a ddf
-    gradient."""
+    labels, the fused label path); "soft" and "weighted" by its probabilities. All give a finite anatomy term with a
+    ddf gradient."""
     config = tiny_config(tmp_path, batch_size=2)
     volumes = tiny_volumes(config, labelled=1)
     batch = draw_batch(volumes, REG, 0, 4, 2, True, 0)
-    for prediction in ("soft", "hard"):
+    for prediction in ("soft", "hard", "weighted"):
         trainer = Trainer(replace(config, anatomy_prediction=prediction), volumes, config.num_classes, progress=False)
         image = volumes.images[:1]
         stand_in = trainer.losses._stand_in(trainer.seg_module, image)
@@ -534,6 +535,38 @@ def test_hard_anatomy_prediction_uses_the_argmax_label_map(tmp_path):
         assert all(torch.isfinite(p.grad).all() for p in trainer.reg_module.parameters() if p.grad is not None)
     with pytest.raises(ValueError, match="anatomy_prediction"):
         tiny_config(tmp_path, anatomy_prediction="argmax")
+
+
+def test_weighted_anatomy_prediction_weighs_each_voxel_by_the_confidence_of_the_stand_ins(tmp_path, monkeypatch):
+    """anatomy_prediction="weighted": the registration anatomy term of a pair is the weighted Dice whose weight is
+    F_S's confidence in the fixed image's stand-in times its confidence in the moving image's, warped; a manual
+    segmentation has weight 1."""
+    config = tiny_config(tmp_path, batch_size=1, anatomy_prediction="weighted")
+    volumes = tiny_volumes(config, labelled=1)
+    trainer = Trainer(config, volumes, config.num_classes, progress=False)
+    batch = draw_batch(volumes, REG, 0, 4, 1, True, 0)
+    ddf = torch.randn(1, 3, *config.shape) * 0.5
+    # An untrained F_S is about equally unsure everywhere: stand-ins whose confidence varies from voxel to voxel.
+    stand_in = {side: (torch.randn(1, config.num_classes, *config.shape) * 3).softmax(1)
+                for side in ("moving", "fixed")}
+    predictions = {batch.moving.data_ptr(): stand_in["moving"], batch.fixed.data_ptr(): stand_in["fixed"]}
+    monkeypatch.setattr(trainer.losses, "_predict", lambda seg_module, image: predictions[image.data_ptr()])
+    for moving_ok, fixed_ok in ((False, False), (True, False), (False, True)):
+        flagged = dataclasses.replace(batch, moving_labelled=torch.tensor([moving_ok]),
+                                      fixed_labelled=torch.tensor([fixed_ok]))
+        source = batch.moving_labels if moving_ok else stand_in["moving"]
+        target = batch.fixed_labels if fixed_ok else stand_in["fixed"]
+        weight = torch.ones(1, 1, *config.shape)
+        if not fixed_ok:
+            weight = weight * losses.confidence(stand_in["fixed"])
+        if not moving_ok:
+            weight = weight * da.warp(losses.confidence(stand_in["moving"]), ddf, padding_mode="zeros")
+        assert weight.std() > 0.05 * weight.mean()
+        got, used = trainer.losses._registration_anatomy(trainer.seg_module, flagged, ddf, "joint")
+        want = losses.weighted_anatomy_loss(source, ddf, target, weight, config.num_classes)
+        assert used == 1
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(got, losses.anatomy_loss(source, ddf, target, config.num_classes))
 
 
 @pytest.mark.parametrize("min_manual", [0, 1, 2])

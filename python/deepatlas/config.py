@@ -14,7 +14,7 @@ from typing import Any
 from .records import DictRecord
 
 METHODS = ("joint", "reg_only", "reg_anatomy", "seg_only")
-ANATOMY_PREDICTIONS = ("soft", "hard")
+ANATOMY_PREDICTIONS = ("soft", "hard", "weighted")
 SIMILARITIES = ("ncc", "lncc", "mse")
 REGULARISERS = ("diffusion", "bending")
 NORMS = ("batch", "instance")
@@ -51,7 +51,8 @@ class TrainConfig(DictRecord):
     lambda_r: float = 1.0              # weight of the regulariser
     lambda_a: float = 1.0              # weight of the anatomy (warped-Dice) loss
     lambda_a_reg: float | None = None  # its weight in registration steps only (None: lambda_a)
-    anatomy_prediction: str = "soft"   # registration step, unlabelled image: F_S's "soft" probabilities or "hard" argmax
+    anatomy_prediction: str = "soft"   # registration step, unlabelled image: F_S's "soft" probabilities, "hard"
+                                       # argmax, or "weighted" (soft, each voxel weighted by F_S's confidence)
     anatomy_min_manual: int = 0        # registration step: anatomy term only on pairs with >= this many manual labels
     lambda_sp: float = 1.0             # weight of the supervised segmentation loss
     lambda_fold: float = 0.0           # weight of the folding penalty mean(relu(-det J)); 0 = off

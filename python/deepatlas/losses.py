@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 import deepatlas_cuda as da
 
-__all__ = ["LocalNCCLoss", "anatomy_loss", "bending_energy_loss", "diffusion_loss", "folding_penalty",
-           "global_ncc_loss", "mse_loss", "one_hot", "regulariser_loss", "similarity_loss", "soft_dice",
-           "soft_dice_loss", "supervised_loss"]
+__all__ = ["LocalNCCLoss", "anatomy_loss", "bending_energy_loss", "confidence", "diffusion_loss",
+           "folding_penalty", "global_ncc_loss", "mse_loss", "one_hot", "regulariser_loss", "similarity_loss",
+           "soft_dice", "soft_dice_loss", "supervised_loss", "weighted_anatomy_loss"]
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -300,3 +300,35 @@ def anatomy_loss(source: Tensor, ddf: Tensor, target: Tensor, num_classes: int, 
     _check_ddf(ddf, "anatomy_loss")
     dice = da.warped_dice(source, ddf, target, num_classes=num_classes, include_background=True, eps=eps)
     return 1 - dice.mean()
+
+
+def confidence(probs: Tensor) -> Tensor:
+    """A prediction's confidence per voxel, ``[N, 1, D, H, W]`` for probabilities ``[N, K, D, H, W]``:
+    ``(max_k p_k - 1/K) / (1 - 1/K)``, 0 where the prediction is uniform, 1 where it is certain."""
+    k = probs.shape[1]
+    if k < 2:
+        raise ValueError(f"confidence: probs must have at least 2 classes, got {tuple(probs.shape)}")
+    return ((probs.amax(1, keepdim=True) - 1 / k) / (1 - 1 / k)).clamp(0, 1)
+
+
+def weighted_anatomy_loss(source: Tensor, ddf: Tensor, target: Tensor, weight: Tensor, num_classes: int,
+                          eps: float = 1e-6) -> Tensor:
+    """L_a with each voxel of the target grid weighted: ``1 - mean_{n, k} (2 sum_x w s t + eps) /
+    (sum_x w s + sum_x w t + eps)``, ``s`` the warped source, ``t`` the target, ``w`` = ``weight``
+    ``[N, 1, D, H, W]`` (not differentiated). Equal to :func:`anatomy_loss` for ``weight`` = 1.
+
+    Unfused: the warped K-channel source is built (``warp_labels(mode="soft")`` for integer labels, ``warp`` with
+    zeros padding for probabilities), so this costs the memory :func:`anatomy_loss` avoids."""
+    _check_ddf(ddf, "weighted_anatomy_loss")
+    if source.dtype in _INTEGER_DTYPES:
+        warped = da.warp_labels(source, ddf, mode="soft", num_classes=num_classes)
+    else:
+        warped = da.warp(source, ddf, padding_mode="zeros")
+    target = _target_probabilities(target, num_classes, warped, "weighted_anatomy_loss")
+    if weight.dim() != 5 or weight.shape[1] != 1 or weight.shape[2:] != target.shape[2:]:
+        raise ValueError(f"weighted_anatomy_loss: weight must be [N, 1, D, H, W] on the target's grid "
+                         f"{tuple(target.shape[2:])}, got {tuple(weight.shape)}")
+    weight = weight.detach()
+    intersection = (weight * warped * target).flatten(2).sum(-1)
+    total = (weight * warped).flatten(2).sum(-1) + (weight * target).flatten(2).sum(-1)
+    return 1 - ((2 * intersection + eps) / (total + eps)).mean()

@@ -1,10 +1,10 @@
 """One registration step and one segmentation step of DeepAtlas (the losses of Xu & Niethammer, 2019, Sec. 2).
 
 Registration step (F_S frozen):  L_i(I_m∘φ, I_t) + λ_r L_r(φ) + λ_fold L_fold(φ) + λ_a L_a(S_m∘φ, S_t)
-    where a missing manual segmentation S is replaced by F_S's prediction (anatomy mode "joint"; probabilities or
-    argmax by config.anatomy_prediction; pairs with fewer than config.anatomy_min_manual manual segmentations get
-    no anatomy term), or the anatomy term is used only on pairs with two manual segmentations ("manual"), or not
-    at all ("none").
+    where a missing manual segmentation S is replaced by F_S's prediction (anatomy mode "joint"; probabilities,
+    argmax, or probabilities with each voxel weighted by F_S's confidence, by config.anatomy_prediction; pairs
+    with fewer than config.anatomy_min_manual manual segmentations get no anatomy term), or the anatomy term is
+    used only on pairs with two manual segmentations ("manual"), or not at all ("none").
 Segmentation step (F_R frozen), per pair:
     only I_m labelled:  λ_a L_a(S_m∘φ, F_S(I_t)) + λ_sp L_sp(F_S(I_m), S_m)
     only I_t labelled:  λ_a L_a(F_S(I_m)∘φ, S_t) + λ_sp L_sp(F_S(I_t), S_t)
@@ -99,16 +99,32 @@ class StepLosses:
                 continue
             source = batch.moving_labels[b:b + 1] if moving_ok else self._stand_in(seg_module, batch.moving[b:b + 1])
             target = batch.fixed_labels[b:b + 1] if fixed_ok else self._stand_in(seg_module, batch.fixed[b:b + 1])
-            total = total + losses.anatomy_loss(source, ddf[b:b + 1], target, self.num_classes)
+            if self.config.anatomy_prediction == "weighted":
+                total = total + self._weighted_anatomy(source, ddf[b:b + 1], target, moving_ok, fixed_ok)
+            else:
+                total = total + losses.anatomy_loss(source, ddf[b:b + 1], target, self.num_classes)
             used += 1
         return total / ddf.shape[0], used
 
+    def _weighted_anatomy(self, source: Tensor, ddf: Tensor, target: Tensor, source_manual: bool,
+                          target_manual: bool) -> Tensor:
+        """``anatomy_prediction="weighted"``: each voxel's anatomy term weighted by F_S's confidence in the stand-ins
+        there (the target's at x, the moving image's warped to x; 1 for a manual segmentation), so that F_S's
+        uncertain predictions pull F_R less."""
+        weight = torch.ones_like(ddf[:, :1])
+        with torch.no_grad():
+            if not target_manual:
+                weight = weight * losses.confidence(target)
+            if not source_manual:
+                weight = weight * da.warp(losses.confidence(source), ddf, padding_mode="zeros")
+        return losses.weighted_anatomy_loss(source, ddf, target, weight, self.num_classes)
+
     def _stand_in(self, seg_module: nn.Module, image: Tensor) -> Tensor:
         """F_S's stand-in for a missing manual segmentation in a registration step: its class probabilities
-        [1, K, D, H, W] (``anatomy_prediction="soft"``, the paper's) or its argmax as a label map [1, 1, D, H, W]
-        (``"hard"``, int64 like the manual labels)."""
+        [1, K, D, H, W] (``anatomy_prediction="soft"``, the paper's, or ``"weighted"``) or its argmax as a label
+        map [1, 1, D, H, W] (``"hard"``, int64 like the manual labels)."""
         probs = self._predict(seg_module, image)
-        return probs if self.config.anatomy_prediction == "soft" else probs.argmax(1, keepdim=True)
+        return probs.argmax(1, keepdim=True) if self.config.anatomy_prediction == "hard" else probs
 
     @torch.no_grad()
     def _predict(self, seg_module: nn.Module, image: Tensor) -> Tensor:
